@@ -1,0 +1,1 @@
+"""Backends for the heavy parts: embedding batches and sampling noisy embeddings."""
