@@ -33,7 +33,7 @@ from .margin import margins
 from .radius import certified_radius
 from .smoothing import SmoothedEstimate, from_means, from_samples
 
-__all__ = ["CertifyResult", "certify", "certified_recall", "summarize", "default_radii"]
+__all__ = ["CertifyResult", "certify", "error_bound", "certified_recall", "summarize", "default_radii"]
 
 UNIT_NORM_TOLERANCE = 1e-4
 
@@ -75,7 +75,7 @@ def _as_estimate(x, n_samples, name) -> SmoothedEstimate:
             raise ValueError(f"n_samples: {name} holds {arr.shape[1]} draws per item, not {n_samples}")
         if arr.shape[1] < 2:
             raise ValueError(f"{name}: need at least 2 noisy samples per item, got {arr.shape[1]}")
-        return from_samples(arr)
+        return from_samples(arr, name=name)
     if arr.ndim == 2:
         if n_samples is None:
             raise ValueError(f"n_samples: required when {name} are (N, dim) Monte-Carlo means")
@@ -114,8 +114,16 @@ def _norm_bound(norm_bound, estimates) -> float:
     return max(f, top)
 
 
-def _eps(est: SmoothedEstimate, bound: str, delta: float, f: float) -> np.ndarray:
-    """(N,) eps with P(||g_hat - g|| > eps) <= delta for each item, under ``bound``."""
+def error_bound(est: SmoothedEstimate, bound: str, delta: float, f: float) -> np.ndarray:
+    """(N,) eps with ``P(||g_hat - g|| > eps) <= delta`` for each item, under ``bound``.
+
+    ``empirical-bernstein`` uses the exact second moment for items whose
+    draws all had one norm, the Maurer-Pontil bound on it otherwise, and
+    falls back to ``bernstein`` (v = F^2) when only means are known.
+    ``paper`` is not a per-item bound; see :func:`minrr.bounds.paper_eps`.
+    """
+    if bound not in bounds.BOUNDS or bound == "paper":
+        raise ValueError(f"bound: expected one of {', '.join(bounds.BOUNDS[:-1])}, got {bound!r}")
     n, count, dim = est.n_samples, est.mean.shape[0], est.mean.shape[1]
     if bound == "hoeffding":
         eps = bounds.hoeffding(n, delta, f)
@@ -196,13 +204,13 @@ def certify(queries, query_labels, *, sigma: float, gallery=None, gallery_labels
 
     if exact_points is not None:
         found = margins(q_est.mean, exact_points, q_labels, g_labels, k=top_k, precision=precision)
-        eps_q = _eps(q_est, bound, alpha, f) if bound != "paper" else None
+        eps_q = error_bound(q_est, bound, alpha, f) if bound != "paper" else None
     else:
         m_eff = g_est.mean.shape[0] - (1 if leave_one_out else 0)
-        slack = _eps(g_est, bound, alpha / (2.0 * m_eff), f) if bound != "paper" else None
+        slack = error_bound(g_est, bound, alpha / (2.0 * m_eff), f) if bound != "paper" else None
         found = margins(q_est.mean, g_est.mean, q_labels, g_labels, k=top_k, exclude_self=leave_one_out,
                         gallery_slack=slack, precision=precision)
-        eps_q = _eps(q_est, bound, alpha / 2.0, f) if bound != "paper" else None
+        eps_q = error_bound(q_est, bound, alpha / 2.0, f) if bound != "paper" else None
     lonely = np.flatnonzero(np.isneginf(found.margin))
     if lonely.size:
         raise ValueError(f"query_labels: query {lonely[0]} has no same-label item in the gallery "

@@ -30,26 +30,36 @@ def load_npy(path, *, name: str, mmap: bool = False) -> np.ndarray:
     """Load a ``.npy`` file without ever unpickling.
 
     ``name`` is the argument the file came from (``--embeddings``); it starts
-    every error message. With ``mmap=True`` the array is memory-mapped
-    read-only, so large databases need not fit in memory.
+    every error message. The header is checked before any data is read:
+    object arrays (pickles), archives, and files shorter than their header
+    promises are refused. With ``mmap=True`` the array is memory-mapped
+    read-only, so large arrays need not fit in memory.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{name}: file not found: {path}")
-    try:
-        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise ValueError(
-                f"{name}: {path} holds Python objects (a pickled array); minrr loads only "
-                "numeric .npy arrays"
-            ) from None
-        raise ValueError(f"{name}: {path} is not a readable .npy array ({exc})") from None
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"{name}: {path} is truncated or not a .npy file ({exc})") from None
-    if not isinstance(arr, np.ndarray):
-        raise ValueError(f"{name}: {path} is an .npz archive; expected a single .npy array")
-    return arr
+    with open(path, "rb") as fh:
+        start = fh.read(6)
+        fh.seek(0)
+        if start[:1] == b"\x80":
+            raise ValueError(f"{name}: {path} is a pickled Python object; minrr loads only numeric .npy arrays")
+        if start[:2] == b"PK":
+            raise ValueError(f"{name}: {path} is an .npz archive; expected a single .npy array")
+        try:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(fh)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {path} is not a .npy file ({exc})") from None
+        offset = fh.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{name}: {path} holds Python objects (a pickled array); minrr loads only numeric .npy arrays")
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        raise ValueError(f"{name}: {path} is truncated ({size} bytes, its header promises {expected})")
+    return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
 
 
 def load_npz(path, *, name: str) -> dict[str, np.ndarray]:

@@ -96,15 +96,16 @@ class EstimateAccumulator:
         )
 
 
-def from_samples(samples, *, max_elements: int = 1 << 22) -> SmoothedEstimate:
+def from_samples(samples, *, name: str = "samples", max_elements: int = 1 << 22) -> SmoothedEstimate:
     """Estimate from ``(N, n, dim)`` noisy embeddings (may be a memory map).
 
     Blocks of at most ``max_elements`` values are converted to float64 at a
-    time, so a memory-mapped array is streamed rather than loaded.
+    time, so a memory-mapped array is streamed rather than loaded. ``name``
+    starts the error raised for NaN or infinity.
     """
     samples = np.asarray(samples)
     if samples.ndim != 3:
-        raise ValueError(f"samples: expected a 3-D (N, n, dim) array, got shape {samples.shape}")
+        raise ValueError(f"{name}: expected a 3-D (N, n, dim) array, got shape {samples.shape}")
     n_inputs, n, dim = samples.shape
     draws = max(1, min(n, max_elements // max(dim, 1)))
     rows = max(1, max_elements // (draws * max(dim, 1)))
@@ -112,7 +113,10 @@ def from_samples(samples, *, max_elements: int = 1 << 22) -> SmoothedEstimate:
     for r in range(0, n_inputs, rows):
         acc = EstimateAccumulator(min(rows, n_inputs - r), dim)
         for start in range(0, n, draws):
-            acc.add(samples[r:r + rows, start:start + draws])
+            block = np.asarray(samples[r:r + rows, start:start + draws], dtype=np.float64)
+            if not np.all(np.isfinite(block)):
+                raise ValueError(f"{name}: contains NaN or infinity (in items {r} to {r + len(block) - 1})")
+            acc.add(block)
         parts.append(acc.result())
     return SmoothedEstimate(
         mean=np.concatenate([p.mean for p in parts]),
