@@ -62,7 +62,10 @@ def _insert(values, value):
     values[pos] = value
 
 
-@numba.njit(parallel=True, cache=True)
+SCAN = 64  # entries whose minimum is checked before any of them is looked at one by one
+
+
+@numba.njit(parallel=True, cache=True, fastmath={"reassoc", "nnan", "nsz"})
 def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exclude_self,
                   slack, allowance, same_sq, same_idx, other_sq, other_idx, same_hi, other_lo):
     """Fold one ``(bq, mc)`` block of dot products into the running per-query state.
@@ -74,6 +77,9 @@ def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exc
     distances ``sqrt(s + E) + slack`` (same label, minimum in ``same_hi``)
     and ``sqrt(max(0, s - E)) - slack`` (other label, k smallest in
     ``other_lo``) are tracked too, ``E`` being the query's ``allowance``.
+    Without slack, a run of ``SCAN`` entries is skipped when neither its
+    nearest same-label nor its nearest other-label entry can change the
+    state, which soon becomes the common case.
     """
     bq, mc = dots.shape
     k = other_sq.shape[1]
@@ -82,28 +88,41 @@ def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exc
         i = q_start + r
         qs = q_sq[r]
         e_sq = allowance[r]
-        for c in range(mc):
-            s = qs + g_sq[c] - 2.0 * dots[r, c]
-            if not with_slack and s >= same_sq[r] and s >= other_sq[r, k - 1]:
-                continue
-            j = g_start + c
-            if exclude_self and i == j:
-                continue
-            if same_label(q_keys[r], g_keys[c], multi):
-                if s < same_sq[r]:
-                    same_sq[r] = s
-                    same_idx[r] = j
-                if with_slack:
-                    same_hi[r] = min(same_hi[r], np.sqrt(max(s + e_sq, 0.0)) + slack[c])
-            else:
-                if s < other_sq[r, 0]:
-                    other_idx[r] = j
-                if s < other_sq[r, k - 1]:
-                    _insert(other_sq[r], s)
-                if with_slack:
-                    lo = np.sqrt(max(s - e_sq, 0.0)) - slack[c]
-                    if lo < other_lo[r, k - 1]:
-                        _insert(other_lo[r], lo)
+        for c0 in range(0, mc, SCAN):
+            c1 = min(c0 + SCAN, mc)
+            if not with_slack:
+                low_same = np.inf
+                low_other = np.inf
+                for c in range(c0, c1):
+                    s = qs + g_sq[c] - 2.0 * dots[r, c]
+                    if same_label(q_keys[r], g_keys[c], multi):
+                        low_same = min(low_same, s)
+                    else:
+                        low_other = min(low_other, s)
+                if low_same >= same_sq[r] and low_other >= other_sq[r, k - 1]:
+                    continue
+            for c in range(c0, c1):
+                s = qs + g_sq[c] - 2.0 * dots[r, c]
+                if not with_slack and s >= same_sq[r] and s >= other_sq[r, k - 1]:
+                    continue
+                j = g_start + c
+                if exclude_self and i == j:
+                    continue
+                if same_label(q_keys[r], g_keys[c], multi):
+                    if s < same_sq[r]:
+                        same_sq[r] = s
+                        same_idx[r] = j
+                    if with_slack:
+                        same_hi[r] = min(same_hi[r], np.sqrt(max(s + e_sq, 0.0)) + slack[c])
+                else:
+                    if s < other_sq[r, 0]:
+                        other_idx[r] = j
+                    if s < other_sq[r, k - 1]:
+                        _insert(other_sq[r], s)
+                    if with_slack:
+                        lo = np.sqrt(max(s - e_sq, 0.0)) - slack[c]
+                        if lo < other_lo[r, k - 1]:
+                            _insert(other_lo[r], lo)
 
 
 def _check_embeddings(x, name):

@@ -10,7 +10,7 @@ bound ``d_low``.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import ndtr, ndtri
+from scipy.special import erfinv, ndtr
 
 __all__ = ["RADIUS_FORMS", "certified_radius", "lipschitz_bound"]
 
@@ -30,8 +30,8 @@ def certified_radius(margin_lower, sigma: float, norm_bound: float, form: str = 
     if form not in RADIUS_FORMS:
         raise ValueError(f"form: expected one of {', '.join(RADIUS_FORMS)}, got {form!r}")
     with np.errstate(invalid="ignore", divide="ignore"):
-        if form == "phi":
-            r = 2.0 * sigma * ndtri(np.minimum(0.5 + d / (8.0 * norm_bound), 1.0))
+        if form == "phi":  # Phi^-1(1/2 + t) = sqrt(2) erfinv(2t), accurate for small t
+            r = 2.0 * sigma * np.sqrt(2.0) * erfinv(np.minimum(d / (4.0 * norm_bound), 1.0))
         else:
             r = d * sigma * np.sqrt(np.pi / 2.0) / (2.0 * norm_bound)
     return np.where(d > 0, r, 0.0)
