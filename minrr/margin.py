@@ -62,67 +62,127 @@ def _insert(values, value):
     values[pos] = value
 
 
-SCAN = 64  # entries whose minimum is checked before any of them is looked at one by one
+LANES = 8
+# Float flags that let LLVM vectorise the minimum searches; "ninf" is left out on purpose
+# (infinity marks "nothing found yet") and so is "contract", so every path rounds alike.
+_VECTOR_MATH = {"reassoc", "nnan", "nsz"}
 
 
-@numba.njit(parallel=True, cache=True, fastmath={"reassoc", "nnan", "nsz"})
-def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exclude_self,
+@numba.njit(cache=True, fastmath=_VECTOR_MATH)
+def _row_minima(row, g_sq, g_labels, label, qs, skip):
+    """Nearest same-label and other-label entries of one row (single-label keys).
+
+    Returns ``(s_same, col_same, s_other, col_other)`` with ``s = qs + g_sq - 2 row``
+    (``inf`` and -1 where there is none); column ``skip`` is left out (-1: none).
+    Ties go to the smaller column. Runs in ``LANES`` independent lanes so the
+    loop vectorises.
+    """
+    n = row.shape[0]
+    lane_same = np.full(LANES, np.inf)
+    lane_other = np.full(LANES, np.inf)
+    col_same = np.full(LANES, -1, dtype=np.int64)
+    col_other = np.full(LANES, -1, dtype=np.int64)
+    for c0 in range(0, n - n % LANES, LANES):
+        for j in range(LANES):
+            c = c0 + j
+            s = qs + g_sq[c] - 2.0 * row[c]
+            same = g_labels[c] == label and c != skip
+            other = g_labels[c] != label and c != skip
+            take_same = same and s < lane_same[j]
+            take_other = other and s < lane_other[j]
+            lane_same[j] = s if take_same else lane_same[j]
+            col_same[j] = c if take_same else col_same[j]
+            lane_other[j] = s if take_other else lane_other[j]
+            col_other[j] = c if take_other else col_other[j]
+    best_same, best_same_col = np.inf, -1
+    best_other, best_other_col = np.inf, -1
+    for j in range(LANES):
+        if lane_same[j] < best_same or (lane_same[j] == best_same and col_same[j] < best_same_col):
+            best_same, best_same_col = lane_same[j], col_same[j]
+        if lane_other[j] < best_other or (lane_other[j] == best_other and col_other[j] < best_other_col):
+            best_other, best_other_col = lane_other[j], col_other[j]
+    for c in range(n - n % LANES, n):
+        if c == skip:
+            continue
+        s = qs + g_sq[c] - 2.0 * row[c]
+        if g_labels[c] == label:
+            if s < best_same:
+                best_same, best_same_col = s, c
+        elif s < best_other:
+            best_other, best_other_col = s, c
+    return best_same, best_same_col, best_other, best_other_col
+
+
+@numba.njit(cache=True)
+def _scan_row(row, qs, g_sq, q_key, g_keys, multi, i, g_start, exclude_self, slack, e_sq,
+              same_sq, same_idx, other_sq, other_idx, same_hi, other_lo):
+    """Fold one row entry by entry into query state (``same_sq`` etc. are 0-d/1-d views).
+
+    The general path: multi-label keys, any k, and slack-adjusted distances
+    ``sqrt(s + E) + slack`` (same label, minimum in ``same_hi``) and
+    ``sqrt(max(0, s - E)) - slack`` (other label, k smallest in ``other_lo``).
+    """
+    k = other_sq.shape[0]
+    with_slack = slack.shape[0] > 0
+    for c in range(row.shape[0]):
+        s = qs + g_sq[c] - 2.0 * row[c]
+        if not with_slack and s >= same_sq[0] and s >= other_sq[k - 1]:
+            continue
+        j = g_start + c
+        if exclude_self and i == j:
+            continue
+        if same_label(q_key, g_keys[c], multi):
+            if s < same_sq[0]:
+                same_sq[0] = s
+                same_idx[0] = j
+            if with_slack:
+                same_hi[0] = min(same_hi[0], np.sqrt(max(s + e_sq, 0.0)) + slack[c])
+        else:
+            if s < other_sq[0]:
+                other_idx[0] = j
+            if s < other_sq[k - 1]:
+                _insert(other_sq, s)
+            if with_slack:
+                lo = np.sqrt(max(s - e_sq, 0.0)) - slack[c]
+                if lo < other_lo[k - 1]:
+                    _insert(other_lo, lo)
+
+
+@numba.njit(parallel=True, cache=True)
+def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, g_labels, multi, q_start, g_start, exclude_self,
                   slack, allowance, same_sq, same_idx, other_sq, other_idx, same_hi, other_lo):
     """Fold one ``(bq, mc)`` block of dot products into the running per-query state.
+
+    ``g_labels`` is ``g_keys[:, 0]`` made contiguous (single-label keys).
 
     Squared distances ``s = |q|^2 + |e|^2 - 2 q.e`` are reduced in squared
     form: ``same_sq``/``same_idx`` hold the nearest same-label item,
     ``other_sq`` the k smallest other-label ``s`` and ``other_idx`` the index
-    of the nearest one. When ``slack`` is non-empty, the slack-adjusted
-    distances ``sqrt(s + E) + slack`` (same label, minimum in ``same_hi``)
-    and ``sqrt(max(0, s - E)) - slack`` (other label, k smallest in
-    ``other_lo``) are tracked too, ``E`` being the query's ``allowance``.
-    Without slack, a run of ``SCAN`` entries is skipped when neither its
-    nearest same-label nor its nearest other-label entry can change the
-    state, which soon becomes the common case.
+    of the nearest one; ``same_hi``/``other_lo`` the slack-adjusted
+    distances (see :func:`_scan_row`). Single labels without slack take the
+    vectorised :func:`_row_minima`, and a row goes entry by entry only when
+    it can change the k smallest other-label distances for k > 1.
     """
     bq, mc = dots.shape
     k = other_sq.shape[1]
-    with_slack = slack.shape[0] > 0
+    fast = not multi and slack.shape[0] == 0
     for r in numba.prange(bq):
         i = q_start + r
-        qs = q_sq[r]
-        e_sq = allowance[r]
-        for c0 in range(0, mc, SCAN):
-            c1 = min(c0 + SCAN, mc)
-            if not with_slack:
-                low_same = np.inf
-                low_other = np.inf
-                for c in range(c0, c1):
-                    s = qs + g_sq[c] - 2.0 * dots[r, c]
-                    if same_label(q_keys[r], g_keys[c], multi):
-                        low_same = min(low_same, s)
-                    else:
-                        low_other = min(low_other, s)
-                if low_same >= same_sq[r] and low_other >= other_sq[r, k - 1]:
-                    continue
-            for c in range(c0, c1):
-                s = qs + g_sq[c] - 2.0 * dots[r, c]
-                if not with_slack and s >= same_sq[r] and s >= other_sq[r, k - 1]:
-                    continue
-                j = g_start + c
-                if exclude_self and i == j:
-                    continue
-                if same_label(q_keys[r], g_keys[c], multi):
-                    if s < same_sq[r]:
-                        same_sq[r] = s
-                        same_idx[r] = j
-                    if with_slack:
-                        same_hi[r] = min(same_hi[r], np.sqrt(max(s + e_sq, 0.0)) + slack[c])
-                else:
-                    if s < other_sq[r, 0]:
-                        other_idx[r] = j
-                    if s < other_sq[r, k - 1]:
-                        _insert(other_sq[r], s)
-                    if with_slack:
-                        lo = np.sqrt(max(s - e_sq, 0.0)) - slack[c]
-                        if lo < other_lo[r, k - 1]:
-                            _insert(other_lo[r], lo)
+        if fast:
+            skip = i - g_start if exclude_self and 0 <= i - g_start < mc else -1
+            s_same, c_same, s_other, c_other = _row_minima(dots[r], g_sq, g_labels, q_keys[r, 0], q_sq[r], skip)
+            if s_same < same_sq[r]:
+                same_sq[r] = s_same
+                same_idx[r] = g_start + c_same
+            if s_other >= other_sq[r, k - 1]:
+                continue
+            if k == 1:
+                other_sq[r, 0] = s_other
+                other_idx[r] = g_start + c_other
+                continue
+        _scan_row(dots[r], q_sq[r], g_sq, q_keys[r], g_keys, multi, i, g_start, exclude_self, slack,
+                  allowance[r], same_sq[r:r + 1], same_idx[r:r + 1], other_sq[r], other_idx[r:r + 1],
+                  same_hi[r:r + 1], other_lo[r])
 
 
 def _check_embeddings(x, name):
@@ -177,6 +237,7 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
 
     q_keys, multi = label_keys(q_labels)
     g_keys, _ = label_keys(g_labels)
+    g_first_key = np.ascontiguousarray(g_keys[:, 0])
     g_cast_sq = np.empty(m)
     for start in range(0, m, gallery_chunk):
         chunk = np.asarray(gallery[start:start + gallery_chunk], dtype=dtype).astype(np.float64)
@@ -209,7 +270,7 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
             dots = buffer[:bq * mc].reshape(bq, mc)
             np.matmul(q_block, g_chunk.T, out=dots)
             _reduce_chunk(dots, q_sq, g_cast_sq[g_start:g_start + mc], q_keys[q_start:q_start + bq],
-                          g_keys[g_start:g_start + mc], multi, q_start, g_start, exclude_self,
+                          g_keys[g_start:g_start + mc], g_first_key[g_start:g_start + mc], multi, q_start, g_start, exclude_self,
                           slack[g_start:g_start + mc] if with_slack else slack, allowance,
                           same_sq, same_idx, other_sq, other_idx, same_hi, other_lo)
         kth_sq = other_sq[:, k - 1]
