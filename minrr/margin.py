@@ -10,11 +10,21 @@ keeps a same-label item inside the top k. An item whose label shares no class
 with the query's is "other-label"; fewer than k of them gives ``d_k = inf``.
 
 Distances come from one GEMM per (query block, gallery chunk) followed by a
-Numba reduction, so peak memory is set by the block sizes, not by the
-gallery size. The GEMM runs in float32 by default; :func:`margins` also returns
-``margin_floor``, a value that provably does not exceed the margin computed in
-exact arithmetic, with the rounding of the GEMM (Higham's ``gamma_dim``
-bound) and any per-item gallery error (``gallery_slack``) taken off.
+reduction, so peak memory is set by the block sizes, not by the gallery
+size. Two reductions share the work:
+
+* the common case (single labels, exact gallery, k = 1) visits a query's
+  same-label items through its label group, masks them, and finds the
+  nearest other-label item with one SIMD ``argmax`` per chunk over
+  ``q.e - |e|^2 / 2`` (an augmented GEMM);
+* everything else (multi-label, k > 1, per-item slack) goes entry by entry
+  in a Numba kernel.
+
+The GEMM runs in float32 by default; :func:`margins` also returns
+``margin_floor``, a value that provably does not exceed the margin computed
+in exact arithmetic, with the rounding of the GEMM (Higham's ``gamma``
+bound) and any per-item gallery error (``gallery_slack``) taken off. Ties
+for ``nearest`` go to the smaller index.
 """
 
 from __future__ import annotations
@@ -62,127 +72,77 @@ def _insert(values, value):
     values[pos] = value
 
 
-LANES = 8
-# Float flags that let LLVM vectorise the minimum searches; "ninf" is left out on purpose
-# (infinity marks "nothing found yet") and so is "contract", so every path rounds alike.
-_VECTOR_MATH = {"reassoc", "nnan", "nsz"}
-
-
-@numba.njit(cache=True, fastmath=_VECTOR_MATH)
-def _row_minima(row, g_sq, g_labels, label, qs, skip):
-    """Nearest same-label and other-label entries of one row (single-label keys).
-
-    Returns ``(s_same, col_same, s_other, col_other)`` with ``s = qs + g_sq - 2 row``
-    (``inf`` and -1 where there is none); column ``skip`` is left out (-1: none).
-    Ties go to the smaller column. Runs in ``LANES`` independent lanes so the
-    loop vectorises.
-    """
-    n = row.shape[0]
-    lane_same = np.full(LANES, np.inf)
-    lane_other = np.full(LANES, np.inf)
-    col_same = np.full(LANES, -1, dtype=np.int64)
-    col_other = np.full(LANES, -1, dtype=np.int64)
-    for c0 in range(0, n - n % LANES, LANES):
-        for j in range(LANES):
-            c = c0 + j
-            s = qs + g_sq[c] - 2.0 * row[c]
-            same = g_labels[c] == label and c != skip
-            other = g_labels[c] != label and c != skip
-            take_same = same and s < lane_same[j]
-            take_other = other and s < lane_other[j]
-            lane_same[j] = s if take_same else lane_same[j]
-            col_same[j] = c if take_same else col_same[j]
-            lane_other[j] = s if take_other else lane_other[j]
-            col_other[j] = c if take_other else col_other[j]
-    best_same, best_same_col = np.inf, -1
-    best_other, best_other_col = np.inf, -1
-    for j in range(LANES):
-        if lane_same[j] < best_same or (lane_same[j] == best_same and col_same[j] < best_same_col):
-            best_same, best_same_col = lane_same[j], col_same[j]
-        if lane_other[j] < best_other or (lane_other[j] == best_other and col_other[j] < best_other_col):
-            best_other, best_other_col = lane_other[j], col_other[j]
-    for c in range(n - n % LANES, n):
-        if c == skip:
-            continue
-        s = qs + g_sq[c] - 2.0 * row[c]
-        if g_labels[c] == label:
-            if s < best_same:
-                best_same, best_same_col = s, c
-        elif s < best_other:
-            best_other, best_other_col = s, c
-    return best_same, best_same_col, best_other, best_other_col
-
-
-@numba.njit(cache=True)
-def _scan_row(row, qs, g_sq, q_key, g_keys, multi, i, g_start, exclude_self, slack, e_sq,
-              same_sq, same_idx, other_sq, other_idx, same_hi, other_lo):
-    """Fold one row entry by entry into query state (``same_sq`` etc. are 0-d/1-d views).
-
-    The general path: multi-label keys, any k, and slack-adjusted distances
-    ``sqrt(s + E) + slack`` (same label, minimum in ``same_hi``) and
-    ``sqrt(max(0, s - E)) - slack`` (other label, k smallest in ``other_lo``).
-    """
-    k = other_sq.shape[0]
-    with_slack = slack.shape[0] > 0
-    for c in range(row.shape[0]):
-        s = qs + g_sq[c] - 2.0 * row[c]
-        if not with_slack and s >= same_sq[0] and s >= other_sq[k - 1]:
-            continue
-        j = g_start + c
-        if exclude_self and i == j:
-            continue
-        if same_label(q_key, g_keys[c], multi):
-            if s < same_sq[0]:
-                same_sq[0] = s
-                same_idx[0] = j
-            if with_slack:
-                same_hi[0] = min(same_hi[0], np.sqrt(max(s + e_sq, 0.0)) + slack[c])
-        else:
-            if s < other_sq[0]:
-                other_idx[0] = j
-            if s < other_sq[k - 1]:
-                _insert(other_sq, s)
-            if with_slack:
-                lo = np.sqrt(max(s - e_sq, 0.0)) - slack[c]
-                if lo < other_lo[k - 1]:
-                    _insert(other_lo, lo)
-
-
 @numba.njit(parallel=True, cache=True)
-def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, g_labels, multi, q_start, g_start, exclude_self,
+def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exclude_self,
                   slack, allowance, same_sq, same_idx, other_sq, other_idx, same_hi, other_lo):
     """Fold one ``(bq, mc)`` block of dot products into the running per-query state.
-
-    ``g_labels`` is ``g_keys[:, 0]`` made contiguous (single-label keys).
 
     Squared distances ``s = |q|^2 + |e|^2 - 2 q.e`` are reduced in squared
     form: ``same_sq``/``same_idx`` hold the nearest same-label item,
     ``other_sq`` the k smallest other-label ``s`` and ``other_idx`` the index
-    of the nearest one; ``same_hi``/``other_lo`` the slack-adjusted
-    distances (see :func:`_scan_row`). Single labels without slack take the
-    vectorised :func:`_row_minima`, and a row goes entry by entry only when
-    it can change the k smallest other-label distances for k > 1.
+    of the nearest one. When ``slack`` is non-empty, the slack-adjusted
+    distances ``sqrt(s + E) + slack`` (same label, minimum in ``same_hi``)
+    and ``sqrt(max(0, s - E)) - slack`` (other label, k smallest in
+    ``other_lo``) are tracked too, ``E`` being the query's ``allowance``.
     """
     bq, mc = dots.shape
     k = other_sq.shape[1]
-    fast = not multi and slack.shape[0] == 0
+    with_slack = slack.shape[0] > 0
     for r in numba.prange(bq):
         i = q_start + r
-        if fast:
-            skip = i - g_start if exclude_self and 0 <= i - g_start < mc else -1
-            s_same, c_same, s_other, c_other = _row_minima(dots[r], g_sq, g_labels, q_keys[r, 0], q_sq[r], skip)
-            if s_same < same_sq[r]:
-                same_sq[r] = s_same
-                same_idx[r] = g_start + c_same
-            if s_other >= other_sq[r, k - 1]:
+        qs = q_sq[r]
+        e_sq = allowance[r]
+        for c in range(mc):
+            s = qs + g_sq[c] - 2.0 * dots[r, c]
+            if not with_slack and s >= same_sq[r] and s >= other_sq[r, k - 1]:
                 continue
-            if k == 1:
-                other_sq[r, 0] = s_other
-                other_idx[r] = g_start + c_other
+            j = g_start + c
+            if exclude_self and i == j:
                 continue
-        _scan_row(dots[r], q_sq[r], g_sq, q_keys[r], g_keys, multi, i, g_start, exclude_self, slack,
-                  allowance[r], same_sq[r:r + 1], same_idx[r:r + 1], other_sq[r], other_idx[r:r + 1],
-                  same_hi[r:r + 1], other_lo[r])
+            if same_label(q_keys[r], g_keys[c], multi):
+                if s < same_sq[r]:
+                    same_sq[r] = s
+                    same_idx[r] = j
+                if with_slack:
+                    same_hi[r] = min(same_hi[r], np.sqrt(max(s + e_sq, 0.0)) + slack[c])
+            else:
+                if s < other_sq[r, 0]:
+                    other_idx[r] = j
+                if s < other_sq[r, k - 1]:
+                    _insert(other_sq[r], s)
+                if with_slack:
+                    lo = np.sqrt(max(s - e_sq, 0.0)) - slack[c]
+                    if lo < other_lo[r, k - 1]:
+                        _insert(other_lo[r], lo)
+
+
+@numba.njit(parallel=True, cache=True)
+def _take_same_label(scores, g_start, members, cursor, end, self_idx, q_sq, same_sq, same_idx):
+    """Nearest same-label item of each row in one chunk, then mask the row's same-label columns.
+
+    ``scores`` is ``(bq, mc)`` ``q.e - |e|^2 / 2`` for gallery items
+    ``g_start .. g_start + mc``. Row r's label group is
+    ``members[cursor[r]:end[r]]`` (gallery indices in increasing order);
+    ``cursor`` advances past the chunk. Item ``self_idx[r]`` is skipped.
+    ``s = |q|^2 - 2 score`` below ``same_sq`` updates it and ``same_idx``.
+    The group's columns are then set to ``-inf``, so the row's ``argmax``
+    finds the nearest other-label item.
+    """
+    bq, mc = scores.shape
+    stop = g_start + mc
+    for r in numba.prange(bq):
+        pos = cursor[r]
+        while pos < end[r] and members[pos] < stop:
+            j = members[pos]
+            c = j - g_start
+            if j != self_idx[r]:
+                s = q_sq[r] - 2.0 * scores[r, c]
+                if s < same_sq[r]:
+                    same_sq[r] = s
+                    same_idx[r] = j
+            scores[r, c] = -np.inf
+            pos += 1
+        cursor[r] = pos
 
 
 def _check_embeddings(x, name):
@@ -194,6 +154,71 @@ def _check_embeddings(x, name):
     if arr.shape[0] == 0:
         raise ValueError(f"{name}: is empty")
     return arr
+
+
+def _gamma(terms: int, dtype) -> float:
+    """Higham's gamma_n = n u / (1 - n u): relative error bound of an n-term dot product."""
+    unit = np.finfo(dtype).eps / 2.0
+    return terms * unit / (1.0 - terms * unit)
+
+
+class _BlockState:
+    """Running per-query state of one query block (see :func:`_reduce_chunk`)."""
+
+    def __init__(self, bq: int, k: int):
+        self.same_sq = np.full(bq, np.inf)
+        self.same_idx = np.full(bq, -1, dtype=np.int64)
+        self.other_sq = np.full((bq, k), np.inf)
+        self.other_idx = np.full(bq, -1, dtype=np.int64)
+        self.same_hi = np.full(bq, np.inf)
+        self.other_lo = np.full((bq, k), np.inf)
+
+
+def _general_pass(q_block, q_sq, q_keys, q_start, gallery, g_sq, g_keys, multi, exclude_self, slack,
+                  allowance, state, chunk, buffer):
+    """Entry-by-entry reduction over the gallery in index order (any labels, k, slack)."""
+    bq = len(q_block)
+    for g_start in range(0, len(g_sq), chunk):
+        g_chunk = np.asarray(gallery[g_start:g_start + chunk], dtype=q_block.dtype)
+        mc = len(g_chunk)
+        dots = buffer[:bq * mc].reshape(bq, mc)
+        np.matmul(q_block, g_chunk.T, out=dots)
+        _reduce_chunk(dots, q_sq, g_sq[g_start:g_start + mc], q_keys, g_keys[g_start:g_start + mc], multi,
+                      q_start, g_start, exclude_self, slack[g_start:g_start + mc] if slack.size else slack,
+                      allowance, state.same_sq, state.same_idx, state.other_sq, state.other_idx,
+                      state.same_hi, state.other_lo)
+
+
+def _grouped_pass(q_block, q_sq, q_labels, q_start, gallery, g_sq, members, member_labels, exclude_self,
+                  state, chunk, buffer):
+    """Nearest same- and other-label items for k = 1 and single labels.
+
+    Same-label items are visited through the label groups (``members``, the
+    gallery indices sorted by label); every other item is searched by one
+    SIMD ``argmax`` per chunk, which returns the first maximum, so ties go to
+    the smaller index.
+    """
+    bq, dim = q_block.shape
+    cursor = np.searchsorted(member_labels, q_labels, side="left")
+    end = np.searchsorted(member_labels, q_labels, side="right")
+    self_idx = np.arange(q_start, q_start + bq) if exclude_self else np.full(bq, -1)
+    augmented = np.empty((bq, dim + 1), dtype=q_block.dtype)
+    augmented[:, :dim] = q_block
+    augmented[:, dim] = -0.5
+    g_chunk = np.empty((min(chunk, len(g_sq)), dim + 1), dtype=q_block.dtype)
+    rows = np.arange(bq)
+    for g_start in range(0, len(g_sq), chunk):
+        mc = min(chunk, len(g_sq) - g_start)
+        g_chunk[:mc, :dim] = gallery[g_start:g_start + mc]
+        g_chunk[:mc, dim] = g_sq[g_start:g_start + mc]
+        scores = buffer[:bq * mc].reshape(bq, mc)
+        np.matmul(augmented, g_chunk[:mc].T, out=scores)  # q.e - |e|^2 / 2
+        _take_same_label(scores, g_start, members, cursor, end, self_idx, q_sq, state.same_sq, state.same_idx)
+        cols = scores.argmax(axis=1)
+        s_other = q_sq - 2.0 * scores[rows, cols].astype(np.float64)
+        better = s_other < state.other_sq[:, 0]
+        state.other_sq[better, 0] = s_other[better]
+        state.other_idx[better] = g_start + cols[better]
 
 
 def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
@@ -212,7 +237,7 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
         from its exact embedding; taken off ``margin_floor`` item by item.
     precision : "float32" (default) or "float64", the GEMM's precision.
     query_block, gallery_chunk : block sizes; peak memory is about
-        ``query_block * gallery_chunk * 8`` bytes plus O(N + M) per-item state.
+        ``query_block * gallery_chunk`` GEMM outputs plus O(N + M) per-item state.
     """
     queries = _check_embeddings(queries, "queries")
     gallery = _check_embeddings(gallery, "gallery")
@@ -235,58 +260,55 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
     if with_slack and (slack.shape != (m,) or np.any(~(slack >= 0))):
         raise ValueError(f"gallery_slack: expected ({m},) non-negative numbers")
 
-    q_keys, multi = label_keys(q_labels)
-    g_keys, _ = label_keys(g_labels)
-    g_first_key = np.ascontiguousarray(g_keys[:, 0])
-    g_cast_sq = np.empty(m)
+    g_sq = np.empty(m)  # squared norms of the gallery as the GEMM sees it (cast to dtype)
     for start in range(0, m, gallery_chunk):
         chunk = np.asarray(gallery[start:start + gallery_chunk], dtype=dtype).astype(np.float64)
-        g_cast_sq[start:start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
-    g_norm_max = float(np.sqrt(g_cast_sq.max()))
+        g_sq[start:start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
+    g_norm_max = float(np.sqrt(g_sq.max()))
+    grouped = q_labels.ndim == 1 and not with_slack and k == 1
+    if grouped:
+        members = np.argsort(g_labels, kind="stable")
+        member_labels = g_labels[members]
+    else:
+        q_keys, multi = label_keys(q_labels)
+        g_keys, _ = label_keys(g_labels)
 
-    unit = np.finfo(dtype).eps / 2.0
-    gamma = dim * unit / (1.0 - dim * unit)  # Higham's gamma_dim for a dot product
     margin = np.empty(n)
     floor = np.empty(n)
     nearest = np.empty(n, dtype=np.int64)
     buffer = np.empty(min(query_block, n) * min(gallery_chunk, m), dtype=dtype)
     for q_start in range(0, n, query_block):
-        q_block = np.asarray(queries[q_start:q_start + query_block], dtype=dtype)
+        block = slice(q_start, q_start + query_block)
+        q_block = np.asarray(queries[block], dtype=dtype)
         bq = len(q_block)
         q_sq = np.einsum("ij,ij->i", q_block.astype(np.float64), q_block.astype(np.float64))
         q_norm = np.sqrt(q_sq)
-        # |s' - s| <= 2 gamma |q||e| for the GEMM, plus float64 rounding of the sum.
-        allowance = 2.0 * gamma * q_norm * g_norm_max + 4e-16 * (q_norm + g_norm_max) ** 2
-        cast_error = (unit * (q_norm + g_norm_max)) if dtype == np.float32 else np.zeros(bq)
-        same_sq = np.full(bq, np.inf)
-        same_idx = np.full(bq, -1, dtype=np.int64)
-        other_sq = np.full((bq, k), np.inf)
-        other_idx = np.full(bq, -1, dtype=np.int64)
-        same_hi = np.full(bq, np.inf)
-        other_lo = np.full((bq, k), np.inf)
-        for g_start in range(0, m, gallery_chunk):
-            g_chunk = np.asarray(gallery[g_start:g_start + gallery_chunk], dtype=dtype)
-            mc = len(g_chunk)
-            dots = buffer[:bq * mc].reshape(bq, mc)
-            np.matmul(q_block, g_chunk.T, out=dots)
-            _reduce_chunk(dots, q_sq, g_cast_sq[g_start:g_start + mc], q_keys[q_start:q_start + bq],
-                          g_keys[g_start:g_start + mc], g_first_key[g_start:g_start + mc], multi, q_start, g_start, exclude_self,
-                          slack[g_start:g_start + mc] if with_slack else slack, allowance,
-                          same_sq, same_idx, other_sq, other_idx, same_hi, other_lo)
-        kth_sq = other_sq[:, k - 1]
-        block = slice(q_start, q_start + bq)
+        state = _BlockState(bq, k)
+        # |s' - s| <= allowance: the GEMM's rounding, plus float64 rounding of the sum.
+        if grouped:
+            allowance = 2.0 * _gamma(dim + 1, dtype) * (q_norm * g_norm_max + g_norm_max ** 2)
+            _grouped_pass(q_block, q_sq, q_labels[block], q_start, gallery, g_sq, members, member_labels,
+                          exclude_self, state, gallery_chunk, buffer)
+        else:
+            allowance = 2.0 * _gamma(dim, dtype) * q_norm * g_norm_max
+            _general_pass(q_block, q_sq, q_keys[block], q_start, gallery, g_sq, g_keys, multi, exclude_self,
+                          slack, allowance, state, gallery_chunk, buffer)
+        allowance += 4e-16 * (q_norm + g_norm_max) ** 2
+        # Casting the inputs to float32 moves each distance by at most u (|q| + |e|).
+        cast_error = np.finfo(dtype).eps / 2.0 * (q_norm + g_norm_max) if dtype == np.float32 else 0.0
+        kth_sq = state.other_sq[:, k - 1]
         with np.errstate(invalid="ignore"):
-            margin[block] = np.sqrt(np.maximum(kth_sq, 0.0)) - np.sqrt(np.maximum(same_sq, 0.0))
+            margin[block] = np.sqrt(np.maximum(kth_sq, 0.0)) - np.sqrt(np.maximum(state.same_sq, 0.0))
             if with_slack:
-                floor[block] = (other_lo[:, k - 1] - cast_error) - (same_hi + cast_error)
+                floor[block] = (state.other_lo[:, k - 1] - cast_error) - (state.same_hi + cast_error)
             else:
                 other_d = np.sqrt(np.maximum(kth_sq - allowance, 0.0)) - cast_error
-                same_d = np.sqrt(np.maximum(same_sq, 0.0) + allowance) + cast_error
+                same_d = np.sqrt(np.maximum(state.same_sq, 0.0) + allowance) + cast_error
                 floor[block] = other_d - same_d
-        no_same = np.isinf(same_sq)  # Recall@k is 0 whatever the perturbation
+        no_same = np.isinf(state.same_sq)  # Recall@k is 0 whatever the perturbation
         margin[block][no_same] = -np.inf
         floor[block][no_same] = -np.inf
-        first_other = other_sq[:, 0]
-        same_first = (same_sq < first_other) | ((same_sq == first_other) & (same_idx < other_idx))
-        nearest[block] = np.where(same_first, same_idx, other_idx)
+        first_other = state.other_sq[:, 0]
+        same_first = (state.same_sq < first_other) | ((state.same_sq == first_other) & (state.same_idx < state.other_idx))
+        nearest[block] = np.where(same_first, state.same_idx, state.other_idx)
     return Margins(margin=margin, margin_floor=floor, nearest=nearest)
