@@ -68,14 +68,22 @@ def load_npz(path, *, name: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"{name}: file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError(f"{name}: {path} is a single .npy array; expected an .npz archive")
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ValueError(f"{name}: {path} is a pickled Python object; expected an .npz archive") from None
+        raise ValueError(f"{name}: {path} is not an .npz archive ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{name}: {path} is truncated or not an .npz archive ({exc})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{name}: {path} is a single .npy array; expected an .npz archive")
+    try:
+        with loaded as archive:
             return {key: archive[key] for key in archive.files}
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise ValueError(f"{name}: {path} holds pickled Python objects; expected numeric arrays") from None
-        raise
+        raise ValueError(f"{name}: {path}: {exc}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{name}: {path} is truncated or not an .npz archive ({exc})") from None
 
