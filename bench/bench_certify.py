@@ -15,7 +15,6 @@ Run: python bench/bench_certify.py [--quick]
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import time
 import tracemalloc
@@ -26,15 +25,7 @@ from minrr.bundled import DEFAULT_SAMPLES, DEFAULT_SIGMAS, run_bundled
 from minrr.certify import certify
 from minrr.smoothing import from_means
 
-
-def _machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    import os
-
-    return f"{model}, {os.cpu_count()} cores, numpy {np.__version__}, Python {platform.python_version()}"
+from machine import describe
 
 
 def _problem(n_queries, n_gallery, dim, seed=0):
@@ -101,14 +92,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke run")
     args = parser.parse_args()
     nq, ng, dim = (2000, 12000, 128) if args.quick else (10_000, 60_000, 128)
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe(np)}")
     print(f"git: {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}")
     gemm, cert = bench_speed(nq, ng, dim, repeats=3)
     print(f"\n| task ({nq} x {ng} x {dim}) | seconds (best of 3) | ratio to GEMM |")
     print("|---|---|---|")
     print(f"| plain float32 GEMM (numpy matmul) | {gemm:.3f} | 1.00 |")
     print(f"| minrr certify, exact gallery, Recall@1 | {cert:.3f} | {cert / gemm:.2f} |")
-    print(f"\n| gallery size | peak traced memory of certify (MB) |")
+    print("\n| gallery size | peak traced memory of certify (MB) |")
     print("|---|---|")
     for size in (ng // 2, ng, 2 * ng):
         print(f"| {size} | {bench_memory(nq, size, dim) / 2**20:.0f} |")

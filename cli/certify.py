@@ -1,20 +1,18 @@
-"""``minrr certify``: certified Recall@k from embeddings, or on the bundled default data."""
+"""``minrr certify``: certified Recall@k from embeddings, from a trained model, or on the bundled default data."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import re
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from minrr import bounds
 from minrr.bundled import DEFAULT_RADII, DEFAULT_SAMPLES, DEFAULT_SIGMAS, run_bundled
 from minrr.certify import certified_recall, certify, default_radii, summarize
-from minrr.io import atomic_path, load_npy
+from minrr.cli.flags import flag_message
+from minrr.io import atomic_path, check_output_path, load_npy
 from minrr.radius import RADIUS_FORMS
 
 TSV_COLUMNS = ("idx", "label", "nn_label", "correct", "margin", "margin_lower", "radius",
@@ -25,7 +23,9 @@ FLAGS = {
     "queries": "--embeddings", "query_labels": "--labels", "gallery": "--gallery",
     "gallery_labels": "--gallery-labels", "norm_bound": "--norm-bound", "n_samples": "--samples",
     "sigma": "--sigma", "alpha": "--alpha", "bound": "--bound", "k": "--top-k",
+    "x": "--data", "device": "--device", "batch_size": "--batch-size", "seed": "--seed",
 }
+MODEL_FLAGS = ("data", "gallery_data", "device", "batch_size")
 
 
 def register(subparsers) -> None:
@@ -33,30 +33,44 @@ def register(subparsers) -> None:
         "certify",
         help="certified l2 radius of Recall@k for a Gaussian-smoothed embedding (RetrievalGuard)",
         description="Certify Recall@k of a Gaussian-smoothed embedding model from Monte-Carlo "
-                    "embeddings. Without --embeddings, runs the bundled default: a Fashion-MNIST "
-                    "subset, an LDA embedding learned at run time, and several sigmas.",
+                    "embeddings, or straight from a trained model (--model: noise is sampled through "
+                    "it, and an interrupted run resumes). Without --embeddings or --model, runs the "
+                    "bundled default: a Fashion-MNIST subset, an LDA embedding learned at run time, "
+                    "and several sigmas.",
     )
     p.add_argument("--embeddings", metavar="E.npy",
                    help="query embeddings: (N, n, dim) noisy samples, or (N, dim) Monte-Carlo means "
                         "(then --samples is required)")
-    p.add_argument("--labels", metavar="y.npy", help="query labels: (N,) integers or (N, C) multi-hot")
+    p.add_argument("--model", metavar="model.pt",
+                   help="a checkpoint of minrr train (its model card beside it): sample --samples noisy "
+                        "copies of each --data image through it; needs PyTorch")
+    p.add_argument("--data", metavar="SOURCE",
+                   help="with --model, the query images: bundled:train|test, fashion-mnist:train|test, a "
+                        "folder with one sub-folder per class, images.npz, or images.npy / an IDX file with "
+                        "--labels (default: the model card's test data)")
+    p.add_argument("--gallery-data", metavar="SOURCE",
+                   help="with --model, the gallery images, embedded exactly by the model (default: the model "
+                        "card's training data); --gallery-labels for .npy or IDX images")
+    p.add_argument("--labels", metavar="y.npy",
+                   help="query labels: (N,) integers or (N, C) multi-hot; with --model, the labels of --data")
     p.add_argument("--sigma", type=float,
-                   help="noise level of the smoothing in input units (required with --embeddings; "
+                   help="noise level of the smoothing in input units (required with --embeddings and --model; "
                         f"the bundled default runs {', '.join(map(str, DEFAULT_SIGMAS))})")
     p.add_argument("--gallery", metavar="G.npy",
                    help="(M, dim) exact gallery embeddings, or (M, n, dim) noisy samples (a Monte-Carlo "
                         "gallery); default: leave-one-out over the queries' smoothed embeddings")
-    p.add_argument("--gallery-labels", metavar="gy.npy", help="gallery labels, like --labels")
+    p.add_argument("--gallery-labels", metavar="gy.npy",
+                   help="gallery labels, like --labels; with --model, the labels of --gallery-data")
     p.add_argument("--norm-bound", type=float, metavar="F",
                    help="bound F on the base embedding's norm; may be omitted when every sample has "
-                        "norm 1 within 1e-4")
+                        "norm 1 within 1e-4 (with --model: the model card's, 1 or sqrt(K) bits)")
     p.add_argument("--alpha", type=float, default=1e-3,
                    help="failure probability of each certificate (default: 0.001)")
     p.add_argument("--bound", choices=bounds.BOUNDS, default=bounds.BOUNDS[0],
                    help="concentration bound on the Monte-Carlo error (default: %(default)s; 'paper' "
                         "reproduces RetrievalGuard's printed formula)")
     p.add_argument("--samples", type=int, metavar="N",
-                   help="Monte-Carlo draws behind each mean (required with (N, dim) means; "
+                   help="Monte-Carlo draws behind each mean (required with (N, dim) means and with --model; "
                         f"the bundled default draws {DEFAULT_SAMPLES})")
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="certify Recall@K (default: 1)")
     p.add_argument("--radius-form", choices=RADIUS_FORMS, default="phi",
@@ -67,8 +81,15 @@ def register(subparsers) -> None:
     p.add_argument("--precision", choices=("float32", "float64"), default="float32",
                    help="precision of the distance GEMM; rounding is accounted for either way "
                         "(default: float32)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the bundled default (default: 0)")
-    p.add_argument("--out", metavar="results.tsv", help="write one row per query (TSV)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed of the bundled default and of --model (default: 0); one stream per query")
+    p.add_argument("--device", help="with --model, the torch device, e.g. cpu or cuda (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="with --model, noisy copies per forward pass (default: 1000); results do not depend on it "
+                        "beyond floating-point rounding")
+    p.add_argument("--out", metavar="results.tsv",
+                   help="write one row per query (TSV); with --model, rows go to results.tsv.partial as they "
+                        "are made, and a rerun with the same settings resumes from it")
     p.add_argument("--json", metavar="summary.json", help="write the summary as JSON")
     p.add_argument("--plot", metavar="curve.png", help="draw certified recall against radius (needs matplotlib)")
     p.set_defaults(run=run)
@@ -76,11 +97,7 @@ def register(subparsers) -> None:
 
 def _flag_message(exc: Exception) -> str:
     """Rename a library argument that starts a message to its command-line flag."""
-    text = str(exc)
-    match = re.match(r"(\w+):", text)
-    if match and match.group(1) in FLAGS:
-        return FLAGS[match.group(1)] + text[match.end(1):]
-    return text
+    return flag_message(exc, FLAGS)
 
 
 def _parse_radii(text: str) -> np.ndarray:
@@ -101,9 +118,13 @@ def _check_arguments(args) -> None:
     if args.samples is not None and args.samples < 2:
         raise ValueError(f"--samples: expected at least 2 draws, got {args.samples}")
     for flag in ("out", "json", "plot"):
-        target = getattr(args, flag)
-        if target is not None and not Path(target).resolve().parent.is_dir():
-            raise ValueError(f"--{flag}: the folder of {target} does not exist")
+        check_output_path(getattr(args, flag), name=f"--{flag}")
+    if args.model is not None:
+        _check_model_arguments(args)
+        return
+    for flag in MODEL_FLAGS:
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')}: given without --model")
     if args.embeddings is None:
         for flag in ("labels", "gallery", "gallery_labels", "norm_bound"):
             if getattr(args, flag) is not None:
@@ -115,6 +136,21 @@ def _check_arguments(args) -> None:
         raise ValueError("--sigma: required with --embeddings")
     if (args.gallery is None) != (args.gallery_labels is None):
         raise ValueError("--gallery-labels: --gallery and --gallery-labels go together")
+
+
+def _check_model_arguments(args) -> None:
+    if args.embeddings is not None:
+        raise ValueError("--model: give either --model or --embeddings, not both")
+    if args.gallery is not None:
+        raise ValueError("--gallery: with --model, give gallery images with --gallery-data")
+    if args.gallery_labels is not None and args.gallery_data is None:
+        raise ValueError("--gallery-labels: with --model, it goes with --gallery-data")
+    if args.sigma is None:
+        raise ValueError("--sigma: required with --model")
+    if args.samples is None:
+        raise ValueError("--samples: required with --model (noisy copies of each query)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a whole number >= 1, got {args.batch_size}")
 
 
 def _load_embeddings(path, flag):
@@ -149,16 +185,20 @@ def _label_text(label) -> str:
     return str(int(label)) if label.ndim == 0 else ",".join(str(c) for c in np.flatnonzero(label))
 
 
+def tsv_row(idx: int, result, i: int) -> str:
+    """The TSV line of query ``i`` of ``result``, numbered ``idx``."""
+    s = result.settings
+    return (f"{idx}\t{_label_text(result.label[i])}\t{_label_text(result.nearest_label[i])}\t"
+            f"{int(result.correct[i])}\t{result.margin[i]:.6g}\t{result.margin_lower[i]:.6g}\t"
+            f"{result.radius[i]:.6g}\t{s['bound']}\t{s['sigma']:g}\t{s['alpha']:g}\t{s['n']}\n")
+
+
 def _write_tsv(path, results) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
         fh.write("\t".join(TSV_COLUMNS) + "\n")
         for result in results:
-            s = result.settings
-            tail = f"{s['bound']}\t{s['sigma']:g}\t{s['alpha']:g}\t{s['n']}"
             for i in range(len(result.margin)):
-                fh.write(f"{i}\t{_label_text(result.label[i])}\t{_label_text(result.nearest_label[i])}\t"
-                         f"{int(result.correct[i])}\t{result.margin[i]:.6g}\t{result.margin_lower[i]:.6g}\t"
-                         f"{result.radius[i]:.6g}\t{tail}\n")
+                fh.write(tsv_row(i, result, i))
 
 
 def _write_plot(path, results, radii) -> None:
@@ -207,7 +247,12 @@ def run(args) -> int:
     try:
         _check_arguments(args)
         radii = None if args.radii is None else _parse_radii(args.radii)
-        if args.embeddings is None:
+        if args.model is not None:
+            from minrr.cli.certify_model import run_model
+
+            results, source = run_model(args)
+            radii = default_radii(args.sigma) if radii is None else radii
+        elif args.embeddings is None:
             sigmas = DEFAULT_SIGMAS if args.sigma is None else (args.sigma,)
             print("minrr certify: no --embeddings given, running the bundled default: 1,000 Fashion-MNIST "
                   "test images certified against 5,000 training images (an l2-normalised LDA embedding "
@@ -223,7 +268,7 @@ def run(args) -> int:
     except (ValueError, TypeError) as exc:
         raise type(exc)(_flag_message(exc)) from None
 
-    if args.out:
+    if args.out and args.model is None:  # the --model path writes its rows as it goes
         _write_tsv(args.out, results)
     if args.json:
         payload = {"source": source, "runs": [summarize(r, radii) for r in results]}

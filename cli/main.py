@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["certify"]
+SUBCOMMANDS = ["certify", "score", "search", "train", "embed", "detect"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,6 @@ sigma an l2-normalised LDA embedding fitted on noise-augmented training data
 
 from __future__ import annotations
 
-import numpy as np
 
 from .certify import CertifyResult, certify
 from .data import fashion_mnist_subset

@@ -22,6 +22,7 @@ __all__ = [
     "as_float_array",
     "check_probability",
     "check_positive",
+    "check_output_path",
     "atomic_path",
 ]
 
@@ -67,25 +68,26 @@ def load_npz(path, *, name: str) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{name}: file not found: {path}")
+    arrays = None
     try:
         loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as archive:
+                arrays = {key: archive[key] for key in archive.files}
     except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise ValueError(f"{name}: {path} is a pickled Python object; expected an .npz archive") from None
-        raise ValueError(f"{name}: {path} is not an .npz archive ({exc})") from None
+        what = "pickled Python objects" if "allow_pickle" in str(exc) else f"unreadable data ({exc})"
+        raise ValueError(f"{name}: {path} holds {what}; expected an .npz archive of numeric arrays") from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{name}: {path} is truncated or not an .npz archive ({exc})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
+    if arrays is None:
         raise ValueError(f"{name}: {path} is a single .npy array; expected an .npz archive")
-    try:
-        with loaded as archive:
-            return {key: archive[key] for key in archive.files}
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise ValueError(f"{name}: {path} holds pickled Python objects; expected numeric arrays") from None
-        raise ValueError(f"{name}: {path}: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{name}: {path} is truncated or not an .npz archive ({exc})") from None
+    return arrays
+
+
+def check_output_path(path, *, name: str) -> None:
+    """Check, before any work starts, that ``path`` can be written: its folder must exist."""
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise ValueError(f"{name}: the folder of {path} does not exist")
 
 
 def as_float_array(x, *, name: str, ndim: int | tuple[int, ...], dtype=np.float64) -> np.ndarray:

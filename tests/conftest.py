@@ -1,4 +1,4 @@
-"""Shared test settings: Hypothesis profiles sized for 2-core CI machines."""
+"""Shared test settings (Hypothesis profiles sized for 2-core CI machines) and test data."""
 
 import os
 
@@ -9,3 +9,24 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def act_cub_record():
+    """COLO-TRIDE Table 1/2, ACT on CUB, as an attack record of raw outputs (fractions),
+    with per-trial CA+ ranks."""
+    return {
+        "format": "minrr-attacks/1",
+        "benign_r1": 0.275,
+        "meta": {"model": "ACT", "dataset": "CUB"},
+        "attacks": [
+            {"attack": "CA+", "rank_before": [0.4, 0.6], "rank_after": [0.15, 0.16]},
+            {"attack": "CA-", "rank_before": 0.0095, "rank_after": 0.377},
+            {"attack": "QA+", "rank_before": 0.5, "rank_after": 0.151},
+            {"attack": "QA-", "rank_before": 0.0102, "rank_after": 0.322},
+            {"attack": "TMA", "cosine": 0.472},
+            {"attack": "ES", "shift": 0.821, "r1_after": 0.111},
+            {"attack": "LTM", "r1_after": 0.094},
+            {"attack": "GTM", "r1_after": 0.149},
+            {"attack": "GTT", "retained": 0.01, "params": {"eps": 8 / 255, "steps": 32}},
+        ],
+    }

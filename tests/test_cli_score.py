@@ -5,24 +5,11 @@ import re
 
 import pytest
 
+from conftest import act_cub_record
 from minrr.cli.main import main
 from minrr.scores import ARS_TERMS, ERS_TERMS
 
-RECORD = {
-    "format": "minrr-attacks/1",
-    "benign_r1": 0.275,
-    "attacks": [
-        {"attack": "CA+", "rank_before": [0.4, 0.6], "rank_after": [0.15, 0.16]},
-        {"attack": "CA-", "rank_before": 0.0095, "rank_after": 0.377},
-        {"attack": "QA+", "rank_before": 0.5, "rank_after": 0.151},
-        {"attack": "QA-", "rank_before": 0.0102, "rank_after": 0.322},
-        {"attack": "TMA", "cosine": 0.472},
-        {"attack": "ES", "shift": 0.821, "r1_after": 0.111},
-        {"attack": "LTM", "r1_after": 0.094},
-        {"attack": "GTM", "r1_after": 0.149},
-        {"attack": "GTT", "retained": 0.01},
-    ],
-}
+RECORD = act_cub_record()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import act_cub_record
 from minrr.scores import (
     ARS_TERMS,
     ATTACKS,
@@ -81,26 +82,6 @@ def test_ers_and_average_ars_name_missing_terms():
 
 
 # ---------------------------------------------------------------- records
-
-
-def act_cub_record():
-    """COLO-TRIDE Table 1/2, ACT on CUB, as raw outputs (fractions), with per-trial CA+ ranks."""
-    return {
-        "format": "minrr-attacks/1",
-        "benign_r1": 0.275,
-        "meta": {"model": "ACT", "dataset": "CUB"},
-        "attacks": [
-            {"attack": "CA+", "rank_before": [0.4, 0.6], "rank_after": [0.15, 0.16]},
-            {"attack": "CA-", "rank_before": 0.0095, "rank_after": 0.377},
-            {"attack": "QA+", "rank_before": 0.5, "rank_after": 0.151},
-            {"attack": "QA-", "rank_before": 0.0102, "rank_after": 0.322},
-            {"attack": "TMA", "cosine": 0.472},
-            {"attack": "ES", "shift": 0.821, "r1_after": 0.111},
-            {"attack": "LTM", "r1_after": 0.094},
-            {"attack": "GTM", "r1_after": 0.149},
-            {"attack": "GTT", "retained": 0.01, "params": {"eps": 8 / 255, "steps": 32}},
-        ],
-    }
 
 
 def test_scoring_a_record_reproduces_the_papers_row():

@@ -1,0 +1,292 @@
+"""The backend contract: four verbs, NumPy in and NumPy out, shared by every framework.
+
+================  ==========================================  ======================================
+verb              numpy backend (any NumPy callable)           torch backend (an ``nn.Module``)
+================  ==========================================  ======================================
+``embed``         ``model(batch)``                            eval mode, inference mode, on device
+``sample_noisy``  noise from NumPy generators                 noise drawn on the device
+``attack_step``   needs ``grad``, a callable x -> dL/dx       autograd of ``loss(model(x))``
+``train_step``    not available (a callable has no            one optimiser step
+                  parameters); raises TypeError
+================  ==========================================  ======================================
+
+Images are ``(N, *shape)`` arrays, uint8 (divided by 255) or floats in
+[0, 1]; a model maps a batch ``(b, *shape)`` to embeddings ``(b, dim)``.
+
+Noise streams. Query ``i`` of a run draws its noise from its own generator,
+seeded with ``SeedSequence(seed).spawn(...)[i]`` (``first_index`` shifts i
+for a run done in pieces), in blocks of L draws (:func:`noise_block`: about
+2**18 numbers, the n draws split into blocks of equal size). Its noise therefore
+depends only on (seed, i, n, the image shape, the backend and device), never
+on the batch size or on the other queries, and each query goes through the
+model in its own batches. Embeddings are accumulated in float64 by
+:class:`~minrr.smoothing.EstimateAccumulator`, so memory does not grow with n.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from abc import ABC, abstractmethod
+
+import numpy as np
+from tqdm import tqdm
+
+from minrr.data.loaders import check_images, to_unit_float
+from minrr.io import check_positive
+from minrr.smoothing import EstimateAccumulator, SmoothedEstimate
+
+from . import is_torch_tensor
+
+__all__ = ["Backend", "pgd_update", "noise_block", "query_seed", "NOISE_BLOCK_ELEMENTS", "MIN_BLOCK_DRAWS", "NORMS"]
+
+NOISE_BLOCK_ELEMENTS = 1 << 18
+"""Numbers per noise block (1 MiB of float32, which stays in cache between drawing and use)."""
+MIN_BLOCK_DRAWS = 16
+"""Draws per block at least, so that large images still draw in few calls (few kernels on a GPU)."""
+NORMS = ("linf", "l2")
+
+
+def noise_block(n_samples: int, numel: int) -> int:
+    """L, the draws per noise block: n split into equal blocks of at most
+    ``max(MIN_BLOCK_DRAWS, NOISE_BLOCK_ELEMENTS // numel)`` draws."""
+    most = max(MIN_BLOCK_DRAWS, NOISE_BLOCK_ELEMENTS // numel)
+    blocks = -(-n_samples // most)
+    return -(-n_samples // blocks)
+
+
+def query_seed(seed: int, index: int) -> np.random.SeedSequence:
+    """The seed of query ``index``: equal to ``SeedSequence(seed).spawn(m)[index]`` for any m > index."""
+    return np.random.SeedSequence(seed, spawn_key=(index,))
+
+
+def check_whole(value, name: str, minimum: int) -> int:
+    """``value`` as an int, if it is a whole number >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _as_images(x, name: str) -> np.ndarray:
+    if is_torch_tensor(x):
+        x = x.detach().cpu().numpy()
+    return check_images(x, name=name)
+
+
+def progress_bar(total: int, enabled: bool, unit: str):
+    """A tqdm bar on stderr (or a context yielding None when not enabled)."""
+    if not enabled:
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, unit=unit, unit_scale=True, file=sys.stderr, leave=False)
+
+
+def _check_step(eps, step_size, norm) -> tuple[float, float]:
+    if norm not in NORMS:
+        raise ValueError(f"norm: expected one of {', '.join(NORMS)}, got {norm!r}")
+    return check_positive(eps, name="eps"), check_positive(step_size, name="step_size")
+
+
+def pgd_update(x, grad, x_orig, *, eps: float, step_size: float, norm: str = "linf") -> np.ndarray:
+    """One projected gradient ascent step on pixels in [0, 1].
+
+    ``linf``: ``x + step_size sign(grad)``, clipped to ``|x' - x_orig| <= eps``.
+    ``l2``: ``x + step_size grad / ||grad||`` (per item; a zero gradient stays
+    put), scaled back onto ``||x' - x_orig|| <= eps``. Both then clip to
+    [0, 1], which never leaves the ball because ``x_orig`` is inside [0, 1].
+
+    Parameters
+    ----------
+    x, grad, x_orig : (N, *shape) float; grad is dL/dx of the loss to increase.
+    """
+    eps, step_size = _check_step(eps, step_size, norm)
+    for name, arr in (("x_orig", x_orig), ("grad", grad)):
+        if arr.shape != x.shape:
+            raise ValueError(f"{name}: expected the shape of x {x.shape}, got {arr.shape}")
+    if not np.all(np.isfinite(grad)):
+        raise ValueError("grad: contains NaN or infinity")
+    axes = tuple(range(1, x.ndim))
+    if norm == "linf":
+        moved = x + step_size * np.sign(grad)
+        out = np.clip(moved, x_orig - eps, x_orig + eps)
+    else:
+        length = np.sqrt(np.sum(grad * grad, axis=axes, keepdims=True))
+        moved = x + step_size * grad / np.where(length > 0, length, 1.0)
+        delta = moved - x_orig
+        size = np.sqrt(np.sum(delta * delta, axis=axes, keepdims=True))
+        out = x_orig + delta * np.minimum(1.0, eps / np.where(size > 0, size, 1.0))
+    return np.clip(out, 0.0, 1.0).astype(x.dtype, copy=False)
+
+
+class _NoiseStream:
+    """Noisy copies ``center + sigma z`` of one query, z drawn from its generator in blocks of L."""
+
+    def __init__(self, backend: "Backend", center, sigma: float, seed: np.random.SeedSequence, block: int):
+        self._backend, self._center, self._sigma, self._block = backend, center, sigma, block
+        self._generator = backend._generator(seed)
+        self._pending = None
+
+    def take(self, count: int):
+        """(count, *shape) noisy inputs, the next ``count`` draws of the stream."""
+        out, have = None, 0
+        while have < count:
+            if self._pending is None or len(self._pending) == 0:
+                self._pending = self._backend._normal(self._generator, self._block, self._center)
+            z = self._pending[: count - have]
+            self._pending = self._pending[len(z):]
+            if out is None:  # in place when one block holds the whole batch: those draws are used up
+                out = z if len(z) == count else self._backend._empty(count, self._center)
+            self._backend._shift_scale(self._center, z, self._sigma, out[have:have + len(z)])
+            have += len(z)
+        return out
+
+
+def _finite(out: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(out)):
+        raise ValueError("model: returned NaN or infinity")
+    return out
+
+
+def _stack(estimates: list[SmoothedEstimate]) -> SmoothedEstimate:
+    fields = ("mean", "sq_norm_mean", "sq_norm_var", "norm_min", "norm_max")
+    return SmoothedEstimate(n_samples=estimates[0].n_samples,
+                            **{f: np.concatenate([getattr(e, f) for e in estimates]) for f in fields})
+
+
+class Backend(ABC):
+    """The four verbs; a subclass supplies the framework primitives (the underscored methods)."""
+
+    name = "base"
+
+    # ---- framework primitives -------------------------------------------------------------
+    @abstractmethod
+    def _prepare(self, model, *, inference: bool):
+        """Context manager yielding the runnable model (device, eval mode; no autograd if inference)."""
+
+    @abstractmethod
+    def _to_input(self, images: np.ndarray):
+        """A (b, *shape) uint8 or float batch as the model's input array, floats in [0, 1]."""
+
+    @abstractmethod
+    def _run(self, model, batch, float64: bool) -> np.ndarray:
+        """Model outputs of a batch, as a NumPy array (converted to float64 if asked)."""
+
+    @abstractmethod
+    def _generator(self, seed: np.random.SeedSequence):
+        """A random generator of the framework, seeded from ``seed``."""
+
+    @abstractmethod
+    def _normal(self, generator, count: int, like):
+        """(count, *like.shape) standard normals of like's dtype (and device)."""
+
+    @abstractmethod
+    def _empty(self, count: int, like):
+        """An uninitialised (count, *like.shape) array of like's dtype (and device)."""
+
+    @abstractmethod
+    def _shift_scale(self, center, z, sigma: float, out) -> None:
+        """``out = center + sigma z`` in one pass; ``out`` may be ``z`` itself."""
+
+    @abstractmethod
+    def _input_gradient(self, model, x: np.ndarray, loss, grad) -> np.ndarray:
+        """dL/dx, (N, *shape), of the loss given to :meth:`attack_step`."""
+
+    def _forward(self, model, batch, *, float64: bool = False) -> np.ndarray:
+        """:meth:`_run`, with the shape of the outputs checked: (batch, dim)."""
+        out = self._run(model, batch, float64)
+        if out.ndim != 2 or out.shape[0] != len(batch):
+            raise ValueError(f"model: expected (batch, dim) outputs for a batch of {len(batch)}, got shape {out.shape}")
+        return out
+
+    # ---- the verbs ------------------------------------------------------------------------
+    def embed(self, model, x, *, batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        """Embeddings h(x) of a batch of images.
+
+        Parameters
+        ----------
+        x : (N, *shape) uint8 or float in [0, 1].
+
+        Returns
+        -------
+        (N, dim) float array.
+        """
+        x = _as_images(x, "x")
+        batch_size = check_whole(batch_size, "batch_size", 1)
+        parts = []
+        with self._prepare(model, inference=True) as run, progress_bar(len(x), progress, "img") as bar:
+            for start in range(0, len(x), batch_size):
+                parts.append(self._forward(run, self._to_input(x[start:start + batch_size])))
+                if bar is not None:
+                    bar.update(len(parts[-1]))
+        return _finite(np.concatenate(parts))
+
+    def sample_noisy(self, model, x, sigma: float, n_samples: int, *, seed: int = 0, first_index: int = 0,
+                     batch_size: int = 1000, progress: bool = False) -> SmoothedEstimate:
+        """Monte-Carlo estimate of the smoothed embedding ``g(x) = E h(x + z)``, z ~ N(0, sigma^2 I).
+
+        Parameters
+        ----------
+        x : (N, *shape) uint8 or float in [0, 1]; query j is query ``first_index + j``
+            of the run and draws from its stream (module docstring).
+        sigma : noise level in pixel units.
+        n_samples : n, draws per query (>= 2).
+        batch_size : draws per forward pass; changes nothing but speed and memory.
+
+        Returns
+        -------
+        SmoothedEstimate with ``mean`` (N, dim) = g_hat and the norm statistics the bounds need.
+        """
+        x = _as_images(x, "x")
+        sigma = check_positive(sigma, name="sigma")
+        n_samples = check_whole(n_samples, "n_samples", 2)
+        seed = check_whole(seed, "seed", 0)
+        first_index = check_whole(first_index, "first_index", 0)
+        batch_size = check_whole(batch_size, "batch_size", 1)
+        block = noise_block(n_samples, int(np.prod(x.shape[1:])))
+        estimates = []
+        with self._prepare(model, inference=True) as run, progress_bar(len(x) * n_samples, progress, "draw") as bar:
+            for j in range(len(x)):
+                center = self._to_input(x[j:j + 1])[0]
+                stream = _NoiseStream(self, center, sigma, query_seed(seed, first_index + j), block)
+                accumulator = None
+                for start in range(0, n_samples, batch_size):
+                    out = self._forward(run, stream.take(min(batch_size, n_samples - start)), float64=True)
+                    accumulator = accumulator or EstimateAccumulator(1, out.shape[1])
+                    accumulator.add(out[None])
+                    if bar is not None:
+                        bar.update(len(out))
+                estimates.append(accumulator.result())
+        estimate = _stack(estimates)
+        _finite(estimate.mean)  # a NaN or infinity in any draw reaches the mean
+        return estimate
+
+    def attack_step(self, model, x, x_orig, *, eps: float, step_size: float, norm: str = "linf",
+                    loss=None, grad=None) -> np.ndarray:
+        """One PGD step that increases a loss, within the ``norm`` ball of radius eps around x_orig.
+
+        Parameters
+        ----------
+        x, x_orig : (N, *shape) current and clean images, floats in [0, 1].
+        loss : torch backend: a callable of the (N, dim) embeddings returning a scalar tensor.
+        grad : numpy backend: a callable of x returning dL/dx, (N, *shape).
+
+        Returns
+        -------
+        (N, *shape) float, see :func:`pgd_update`.
+        """
+        x = to_unit_float(_as_images(x, "x"))
+        x_orig = to_unit_float(_as_images(x_orig, "x_orig"), x.dtype)
+        _check_step(eps, step_size, norm)
+        g = self._input_gradient(model, x, loss, grad)
+        return pgd_update(x, g, x_orig, eps=eps, step_size=step_size, norm=norm)
+
+    @abstractmethod
+    def train_step(self, model, optimizer, loss, x, y, *, noise_sigma: float = 0.0, noise_seed=0) -> float:
+        """One optimiser step on ``loss(model(x + z), y)``, z ~ N(0, noise_sigma^2 I); returns the loss.
+
+        Parameters
+        ----------
+        x : (B, *shape) uint8 or float in [0, 1].
+        y : (B,) labels (or targets) passed to ``loss``.
+        noise_sigma : Gaussian noise augmentation (GDML); 0 trains on clean inputs.
+        noise_seed : int or SeedSequence, the seed of this step's noise.
+        """
