@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["certify", "score", "search", "train", "embed", "detect"]
+SUBCOMMANDS = ["certify", "train", "embed", "search", "detect", "score"]
 
 
 def build_parser() -> argparse.ArgumentParser:
