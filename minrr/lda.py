@@ -32,7 +32,7 @@ class LinearEmbedding:
         return z / np.linalg.norm(z, axis=1, keepdims=True)
 
     def smoothed_estimate(self, x, sigma: float, n_samples: int, seed: int = 0,
-                          draws_per_batch: int = 4096) -> SmoothedEstimate:
+                          draws_per_batch: int = 1024) -> SmoothedEstimate:
         """Monte-Carlo estimate of ``g(x) = E h(x + z)``, z ~ N(0, sigma^2 I_p).
 
         ``W^T z`` is N(0, sigma^2 W^T W), so the noise is drawn in the k
