@@ -95,11 +95,6 @@ def register(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _flag_message(exc: Exception) -> str:
-    """Rename a library argument that starts a message to its command-line flag."""
-    return flag_message(exc, FLAGS)
-
-
 def _parse_radii(text: str) -> np.ndarray:
     try:
         radii = np.array([float(v) for v in text.split(",")])
@@ -266,7 +261,7 @@ def run(args) -> int:
             results, radii = _run_files(args, radii)
             source = f"embeddings: {args.embeddings}"
     except (ValueError, TypeError) as exc:
-        raise type(exc)(_flag_message(exc)) from None
+        raise type(exc)(flag_message(exc, FLAGS)) from None
 
     if args.out and args.model is None:  # the --model path writes its rows as it goes
         _write_tsv(args.out, results)

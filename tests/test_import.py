@@ -1,15 +1,23 @@
-"""The core never imports torch (nor other optional frameworks)."""
+"""Nothing in the core, the NumPy backend or the CLI's parser imports an optional framework."""
 
 import subprocess
 import sys
 
 
-def test_import_minrr_does_not_import_torch():
+def test_core_numpy_backend_and_cli_import_no_optional_framework():
     code = (
-        "import sys, minrr, minrr.certify, minrr.bounds, minrr.margin, minrr.radius, minrr.smoothing, "
-        "minrr.bundled, minrr.cli.main, minrr.cli.certify, minrr.backends\n"
-        "bad = [m for m in ('torch', 'matplotlib', 'faiss') if m in sys.modules]\n"
-        "print(','.join(bad))"
+        "import sys, numpy as np\n"
+        "import minrr, minrr.certify, minrr.bounds, minrr.margin, minrr.radius, minrr.smoothing\n"
+        "import minrr.bundled, minrr.lda, minrr.hamming, minrr.detect, minrr.transforms\n"
+        "import minrr.distance_models, minrr.hash_centers, minrr.scores, minrr.data.loaders\n"
+        "import minrr.metrics.hashing, minrr.metrics.retrieval, minrr.metrics.clustering\n"
+        "import minrr.metrics.detection, minrr.backends, minrr.backends.base, minrr.backends.numpy_backend\n"
+        "import minrr.cli.main\n"
+        "minrr.cli.main.build_parser()\n"
+        "b = minrr.backends.get_backend('numpy')\n"
+        "b.sample_noisy(lambda x: x.reshape(len(x), -1), np.zeros((1, 2)), 0.5, 4)\n"
+        "assert not minrr.backends.is_torch_tensor(np.zeros(1))\n"
+        "print(','.join(m for m in ('torch', 'matplotlib', 'faiss', 'sklearn') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
