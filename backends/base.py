@@ -1,11 +1,13 @@
-"""The backend contract: four verbs, NumPy in and NumPy out, shared by every framework.
+"""The backend contract: five verbs, NumPy in and NumPy out, shared by every framework.
 
 ================  ==========================================  ======================================
 verb              numpy backend (any NumPy callable)           torch backend (an ``nn.Module``)
 ================  ==========================================  ======================================
 ``embed``         ``model(batch)``                            eval mode, inference mode, on device
 ``sample_noisy``  noise from NumPy generators                 noise drawn on the device
-``attack_step``   needs ``grad``, a callable x -> dL/dx       autograd of ``loss(model(x))``
+``pgd``           needs ``grad``, a callable x -> dL/dx       the device-resident loop of
+                                                              :mod:`minrr.backends.attacks`
+``attack_step``   one ``pgd`` step from a given point         (the same)
 ``train_step``    not available (a callable has no            one optimiser step
                   parameters); raises TypeError
 ================  ==========================================  ======================================
@@ -38,7 +40,7 @@ from minrr.smoothing import EstimateAccumulator, SmoothedEstimate
 
 from . import is_torch_tensor
 
-__all__ = ["Backend", "pgd_update", "noise_block", "query_seed", "NOISE_BLOCK_ELEMENTS", "MIN_BLOCK_DRAWS", "NORMS"]
+__all__ = ["Backend", "pgd_update", "check_attack", "STEPS", "KEEP", "noise_block", "query_seed", "NOISE_BLOCK_ELEMENTS", "MIN_BLOCK_DRAWS", "NORMS"]
 
 NOISE_BLOCK_ELEMENTS = 1 << 18
 """Numbers per noise block (1 MiB of float32, which stays in cache between drawing and use)."""
@@ -80,41 +82,55 @@ def progress_bar(total: int, enabled: bool, unit: str):
     return tqdm(total=total, unit=unit, unit_scale=True, file=sys.stderr, leave=False)
 
 
-def _check_step(eps, step_size, norm) -> tuple[float, float]:
+STEPS = ("sign", "normalized")
+KEEP = ("last", "best")
+
+
+def check_attack(eps, alpha, steps, norm, step=None, keep="last") -> tuple[float, float, int, str]:
+    """Validated PGD settings: (eps, alpha, steps, step), step defaulting to the norm's usual one
+    ("sign" for l-inf, "normalized" for l2)."""
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {', '.join(NORMS)}, got {norm!r}")
-    return check_positive(eps, name="eps"), check_positive(step_size, name="step_size")
+    step = ("sign" if norm == "linf" else "normalized") if step is None else step
+    if step not in STEPS:
+        raise ValueError(f"step: expected one of {', '.join(STEPS)}, got {step!r}")
+    if keep not in KEEP:
+        raise ValueError(f"keep: expected one of {', '.join(KEEP)}, got {keep!r}")
+    return check_positive(eps, name="eps"), check_positive(alpha, name="alpha"), check_whole(steps, "steps", 0), step
 
 
-def pgd_update(x, grad, x_orig, *, eps: float, step_size: float, norm: str = "linf") -> np.ndarray:
-    """One projected gradient ascent step on pixels in [0, 1].
+def pgd_update(x, grad, x_orig, *, eps: float, alpha: float, norm: str = "linf", step: str | None = None) -> np.ndarray:
+    """One projected gradient ascent step on pixels in [0, 1] (NumPy).
 
-    ``linf``: ``x + step_size sign(grad)``, clipped to ``|x' - x_orig| <= eps``.
-    ``l2``: ``x + step_size grad / ||grad||`` (per item; a zero gradient stays
-    put), scaled back onto ``||x' - x_orig|| <= eps``. Both then clip to
-    [0, 1], which never leaves the ball because ``x_orig`` is inside [0, 1].
+    Step: ``alpha sign(grad)`` ("sign", the l-inf default) or ``alpha grad / ||grad||``
+    per item ("normalized", the l2 default; a zero gradient stays put). Projection:
+    ``linf`` clips ``x' - x_orig`` to [-eps, eps]; ``l2`` scales it onto
+    ``||x' - x_orig|| <= eps``. Both then clip to [0, 1], which never leaves the ball
+    because ``x_orig`` is inside [0, 1].
 
     Parameters
     ----------
     x, grad, x_orig : (N, *shape) float; grad is dL/dx of the loss to increase.
     """
-    eps, step_size = _check_step(eps, step_size, norm)
+    eps, alpha, _, step = check_attack(eps, alpha, 1, norm, step)
     for name, arr in (("x_orig", x_orig), ("grad", grad)):
         if arr.shape != x.shape:
             raise ValueError(f"{name}: expected the shape of x {x.shape}, got {arr.shape}")
     if not np.all(np.isfinite(grad)):
         raise ValueError("grad: contains NaN or infinity")
     axes = tuple(range(1, x.ndim))
-    if norm == "linf":
-        moved = x + step_size * np.sign(grad)
-        out = np.clip(moved, x_orig - eps, x_orig + eps)
+    if step == "sign":
+        moved = x + alpha * np.sign(grad)
     else:
         length = np.sqrt(np.sum(grad * grad, axis=axes, keepdims=True))
-        moved = x + step_size * grad / np.where(length > 0, length, 1.0)
-        delta = moved - x_orig
+        moved = x + alpha * grad / np.where(length > 0, length, 1.0)
+    delta = moved - x_orig
+    if norm == "linf":
+        delta = np.clip(delta, -eps, eps)
+    else:
         size = np.sqrt(np.sum(delta * delta, axis=axes, keepdims=True))
-        out = x_orig + delta * np.minimum(1.0, eps / np.where(size > 0, size, 1.0))
-    return np.clip(out, 0.0, 1.0).astype(x.dtype, copy=False)
+        delta = delta * np.minimum(1.0, eps / np.where(size > 0, size, 1.0))
+    return np.clip(x_orig + delta, 0.0, 1.0).astype(x.dtype, copy=False)
 
 
 class _NoiseStream:
@@ -259,9 +275,56 @@ class Backend(ABC):
         _finite(estimate.mean)  # a NaN or infinity in any draw reaches the mean
         return estimate
 
-    def attack_step(self, model, x, x_orig, *, eps: float, step_size: float, norm: str = "linf",
-                    loss=None, grad=None) -> np.ndarray:
-        """One PGD step that increases a loss, within the ``norm`` ball of radius eps around x_orig.
+    def pgd(self, model, x, *, eps: float, alpha: float, steps: int, loss=None, grad=None, targets=None,
+            norm: str = "linf", step: str | None = None, random_start: bool = False, seed: int = 0,
+            first_index: int = 0, stop=None, keep: str = "last", batch_size: int = 256,
+            progress: bool = False) -> np.ndarray:
+        """Projected gradient ascent on the images, within the ``norm`` ball of radius eps and [0, 1].
+
+        The settings are those of :func:`minrr.backends.attacks.pgd` (the torch engine, which
+        runs the whole loop on the model's device); images go through in batches of
+        ``batch_size``, and item i's random start is seeded by ``(seed, first_index + i)``, so
+        the result does not depend on the batch size.
+
+        Parameters
+        ----------
+        x : (N, *shape) uint8 or float images in [0, 1].
+        loss : callable of the (b, dim) embeddings (and, with ``targets``, of the batch's
+            targets) returning (b,) values to increase. torch backend: differentiated;
+            numpy backend: needed only by ``keep="best"``.
+        grad : numpy backend: callable of (x, targets or None) returning dL/dx, (b, *shape).
+        targets : optional (N, ...) array passed, a batch at a time, to ``loss`` and ``grad``.
+        stop : callable of (embeddings, targets or None) returning (b,) bools (goal reached).
+
+        Returns
+        -------
+        (N, *shape) float adversarial images (float32 for uint8 input), exactly as attacked.
+        """
+        x = to_unit_float(_as_images(x, "x"))
+        settings = check_attack(eps, alpha, steps, norm, step, keep)
+        batch_size = check_whole(batch_size, "batch_size", 1)
+        seed, first_index = check_whole(seed, "seed", 0), check_whole(first_index, "first_index", 0)
+        if targets is not None and len(targets) != len(x):
+            raise ValueError(f"targets: expected {len(x)} rows (one per image), got {len(targets)}")
+        parts = []
+        with progress_bar(len(x), progress, "img") as bar:
+            for start in range(0, len(x), batch_size):
+                rows = slice(start, start + batch_size)
+                parts.append(self._pgd_batch(model, x[rows], None if targets is None else targets[rows],
+                                             settings, norm=norm, loss=loss, grad=grad, random_start=random_start,
+                                             seed=seed, first_index=first_index + start, stop=stop, keep=keep))
+                if bar is not None:
+                    bar.update(len(parts[-1]))
+        return np.concatenate(parts)
+
+    @abstractmethod
+    def _pgd_batch(self, model, x: np.ndarray, targets, settings, *, norm, loss, grad, random_start, seed,
+                   first_index, stop, keep) -> np.ndarray:
+        """:meth:`pgd` on one batch; ``settings`` = (eps, alpha, steps, step) from :func:`check_attack`."""
+
+    def attack_step(self, model, x, x_orig, *, eps: float, alpha: float, norm: str = "linf",
+                    step: str | None = None, loss=None, grad=None) -> np.ndarray:
+        """One PGD step that increases a loss, from ``x``, within the ``norm`` ball of radius eps around x_orig.
 
         Parameters
         ----------
@@ -271,13 +334,14 @@ class Backend(ABC):
 
         Returns
         -------
-        (N, *shape) float, see :func:`pgd_update`.
+        (N, *shape) float, see :func:`pgd_update`. For whole attacks use :meth:`pgd`, which
+        keeps every step on the device.
         """
         x = to_unit_float(_as_images(x, "x"))
         x_orig = to_unit_float(_as_images(x_orig, "x_orig"), x.dtype)
-        _check_step(eps, step_size, norm)
+        check_attack(eps, alpha, 1, norm, step)
         g = self._input_gradient(model, x, loss, grad)
-        return pgd_update(x, g, x_orig, eps=eps, step_size=step_size, norm=norm)
+        return pgd_update(x, g, x_orig, eps=eps, alpha=alpha, norm=norm, step=step)
 
     @abstractmethod
     def train_step(self, model, optimizer, loss, x, y, *, noise_sigma: float = 0.0, noise_seed=0) -> float:

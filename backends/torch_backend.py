@@ -100,6 +100,22 @@ class TorchBackend(Backend):
             (gradient,) = torch.autograd.grad(value.reshape(()), inputs)
         return gradient.to("cpu", torch.float64).numpy().astype(x.dtype, copy=False)
 
+    def _pgd_batch(self, model, x, targets, settings, *, norm, loss, grad, random_start, seed, first_index, stop,
+                   keep):
+        from .attacks import pgd
+
+        if grad is not None:
+            raise ValueError("grad: the torch backend differentiates loss= itself; pass loss, not grad")
+        if loss is None:
+            raise ValueError("loss: required by the torch backend (a callable of the (b, dim) embeddings "
+                             "returning (b,) values to increase)")
+        extra = () if targets is None else (torch.as_tensor(np.asarray(targets), device=self.device),)
+        eps, alpha, steps, step = settings
+        adv = pgd(self._module(model), self._to_input(x), lambda out: loss(out, *extra), eps=eps, alpha=alpha,
+                  steps=steps, norm=norm, step=step, random_start=random_start, seed=seed, first_index=first_index,
+                  stop=None if stop is None else (lambda out: stop(out, *extra)), keep=keep)
+        return adv.cpu().numpy()
+
     def train_step(self, model, optimizer, loss, x, y, *, noise_sigma: float = 0.0, noise_seed=0) -> float:
         model = self._module(model)
         model.train()

@@ -253,11 +253,11 @@ def test_sampling_feeds_certify(backend):
 def test_linf_step_moves_along_the_gradient_sign_inside_the_ball(backend, images):
     direction = np.random.default_rng(3).normal(size=12)
     model = identity_model(backend)
-    x = backend.attack_step(model, images, images, eps=0.05, step_size=0.02, **loss_for(backend, direction))
+    x = backend.attack_step(model, images, images, eps=0.05, alpha=0.02, **loss_for(backend, direction))
     expected = np.clip(images + 0.02 * np.sign(direction).reshape(1, 1, 3, 4), 0, 1)
     np.testing.assert_allclose(x, expected, atol=1e-7)
     for _ in range(5):
-        x = backend.attack_step(model, x, images, eps=0.05, step_size=0.02, **loss_for(backend, direction))
+        x = backend.attack_step(model, x, images, eps=0.05, alpha=0.02, **loss_for(backend, direction))
     assert np.all(np.abs(x - images) <= 0.05 + 1e-7) and x.min() >= 0 and x.max() <= 1
     np.testing.assert_allclose(x, np.clip(images + 0.05 * np.sign(direction).reshape(1, 1, 3, 4), 0, 1), atol=1e-7)
 
@@ -267,11 +267,11 @@ def test_l2_step_is_projected_onto_the_ball(backend, images):
     model = identity_model(backend)
     x = images
     for _ in range(6):
-        x = backend.attack_step(model, x, images, eps=0.3, step_size=0.1, norm="l2", **loss_for(backend, direction))
+        x = backend.attack_step(model, x, images, eps=0.3, alpha=0.1, norm="l2", **loss_for(backend, direction))
         distance = np.sqrt(((x - images) ** 2).reshape(5, -1).sum(1))
         assert np.all(distance <= 0.3 + 1e-6)
     assert x.min() >= 0 and x.max() <= 1
-    first = backend.attack_step(model, images, images, eps=0.3, step_size=0.1, norm="l2",
+    first = backend.attack_step(model, images, images, eps=0.3, alpha=0.1, norm="l2",
                                 **loss_for(backend, direction))
     unclipped = images + 0.1 * (direction / np.linalg.norm(direction)).reshape(1, 1, 3, 4)
     np.testing.assert_allclose(first, np.clip(unclipped, 0, 1), atol=1e-7)
@@ -281,24 +281,24 @@ def test_attack_needs_the_right_loss(backend, images):
     model = identity_model(backend)
     if backend.name == "numpy":
         with pytest.raises(ValueError, match="grad: required by the numpy backend"):
-            backend.attack_step(model, images, images, eps=0.1, step_size=0.1)
+            backend.attack_step(model, images, images, eps=0.1, alpha=0.1)
         with pytest.raises(ValueError, match="loss: the numpy backend cannot differentiate"):
-            backend.attack_step(model, images, images, eps=0.1, step_size=0.1, loss=lambda out: out.sum())
+            backend.attack_step(model, images, images, eps=0.1, alpha=0.1, loss=lambda out: out.sum())
     else:
         with pytest.raises(ValueError, match="loss: required by the torch backend"):
-            backend.attack_step(model, images, images, eps=0.1, step_size=0.1)
+            backend.attack_step(model, images, images, eps=0.1, alpha=0.1)
         with pytest.raises(ValueError, match="loss: expected a scalar tensor"):
-            backend.attack_step(model, images, images, eps=0.1, step_size=0.1, loss=lambda out: out)
+            backend.attack_step(model, images, images, eps=0.1, alpha=0.1, loss=lambda out: out)
     with pytest.raises(ValueError, match="norm: expected one of linf, l2"):
-        backend.attack_step(model, images, images, eps=0.1, step_size=0.1, norm="l1")
+        backend.attack_step(model, images, images, eps=0.1, alpha=0.1, norm="l1")
 
 
 def test_pgd_update_checks_its_inputs(images):
     with pytest.raises(ValueError, match="grad: expected the shape of x"):
-        pgd_update(images, np.ones(3), images, eps=0.1, step_size=0.1)
+        pgd_update(images, np.ones(3), images, eps=0.1, alpha=0.1)
     with pytest.raises(ValueError, match="eps: expected a finite number above 0"):
-        pgd_update(images, images, images, eps=0.0, step_size=0.1)
-    zero = pgd_update(images, np.zeros_like(images), images, eps=0.1, step_size=0.1, norm="l2")
+        pgd_update(images, images, images, eps=0.0, alpha=0.1)
+    zero = pgd_update(images, np.zeros_like(images), images, eps=0.1, alpha=0.1, norm="l2")
     np.testing.assert_array_equal(zero, images)
 
 
