@@ -582,3 +582,25 @@ def _scan_candidates(db, q_words, n_shards, k, cap, n_bins, bar, out_dist, out_i
                     n_cand, hist, bound, below)
         bar.update(stop - start)
     _finish(cand_dist, cand_index, n_cand, n_shards, k, n_bins, out_dist, out_index)
+
+
+def merge_top_k(distances: list, indices: list, k: int):
+    """Merge top-k lists of disjoint parts of a database into the top k of the whole.
+
+    Parameters
+    ----------
+    distances : list of (n_queries, k_s) arrays, each ascending (as :func:`search` returns).
+    indices : list of (n_queries, k_s) int arrays, rows of the whole database.
+    k : int, at most the sum of the k_s.
+
+    Returns
+    -------
+    distances : (n_queries, k) int32; indices : (n_queries, k) int64, ordered by
+    (distance, index), the order of :func:`search` on the whole database.
+    """
+    d = np.concatenate([np.asarray(part, dtype=np.int32) for part in distances], axis=1)
+    i = np.concatenate([np.asarray(part, dtype=np.int64) for part in indices], axis=1)
+    if not 1 <= k <= d.shape[1]:
+        raise ValueError(f"k: expected 1 <= k <= {d.shape[1]} (the merged candidates), got {k}")
+    order = np.lexsort((i, d), axis=-1)[:, :k]
+    return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)

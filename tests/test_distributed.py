@@ -1,0 +1,56 @@
+"""The Dask path (minrr.backends.distributed) against the single-process results."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dask.distributed")
+
+from minrr import hamming  # noqa: E402
+from minrr.backends import distributed  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.connect(workers=2) as c:
+        yield c
+
+
+def test_merge_top_k_equals_search_on_the_whole_database():
+    rng = np.random.default_rng(0)
+    database = rng.integers(0, 2, size=(300, 16))  # 16 bits: many ties
+    queries = rng.integers(0, 2, size=(20, 16))
+    cuts = [0, 70, 71, 180, 300]
+    parts = [hamming.search(queries=queries, database=database[a:b], k=min(25, b - a)) for a, b in zip(cuts, cuts[1:])]
+    merged = hamming.merge_top_k([d for d, _ in parts], [i + a for (_, i), a in zip(parts, cuts)], 25)
+    for got, want in zip(merged, hamming.search(queries=queries, database=database, k=25)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_search_over_shards_equals_one_machine(client, tmp_path):
+    rng = np.random.default_rng(1)
+    database = np.where(rng.random((500, 32)) < 0.5, -1, 1).astype(np.int8)
+    queries = database[rng.choice(500, 30)] * np.where(rng.random((30, 32)) < 0.1, -1, 1).astype(np.int8)
+    folder = tmp_path / "db"
+    folder.mkdir()
+    for s, (a, b) in enumerate([(0, 120), (120, 121), (121, 400), (400, 500)]):
+        np.save(folder / f"shard-{s:05d}.npy", database[a:b])
+    shards = distributed.shard_paths(folder)
+    got = distributed.search_shards(client, shards, queries, 40)
+    for g, w in zip(got, hamming.search(queries=queries, database=database, k=40)):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_in_order_yields_chunks_in_order_with_a_small_window(client):
+    import time
+
+    def slow_square(x):
+        time.sleep(0.05 * (x % 3))
+        return x * x
+
+    assert list(distributed.in_order(client, slow_square, range(12), window=3)) == [x * x for x in range(12)]
+
+
+def test_unreachable_scheduler_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"scheduler: cannot reach tcp://127\.0\.0\.1:9 "):
+        with distributed.connect("tcp://127.0.0.1:9", timeout=1):
+            pass
