@@ -54,3 +54,25 @@ def test_unreachable_scheduler_is_one_clear_error():
     with pytest.raises(ValueError, match=r"scheduler: cannot reach tcp://127\.0\.0\.1:9 "):
         with distributed.connect("tcp://127.0.0.1:9", timeout=1):
             pass
+
+
+def _sleepy_square(x):
+    import time
+
+    time.sleep(0.2)
+    return x * x
+
+
+def test_a_killed_worker_loses_no_chunk(client):
+    import os
+    import signal
+
+    pids = client.run(os.getpid)
+    results = []
+    for value in distributed.in_order(client, _sleepy_square, range(16), window=4):
+        if not results:  # tasks are in flight on both workers: kill one of them
+            os.kill(next(iter(pids.values())), signal.SIGKILL)
+        results.append(value)
+    assert results == [x * x for x in range(16)]
+    client.wait_for_workers(2, timeout=30)
+    assert set(client.run(os.getpid).values()) != set(pids.values())  # the nanny started a new one
