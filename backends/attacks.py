@@ -192,7 +192,9 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, loss: Callable, *, eps: float, 
 def _embedding_shift(model: torch.nn.Module, images: torch.Tensor) -> Callable:
     with torch.no_grad(), frozen(model):
         clean = model(images).detach()
-    return lambda out: (out - clean).flatten(1).norm(dim=1)
+    # ||out - clean + 1e-6||: the offset (as in torch's pairwise_distance) gives a gradient at the start,
+    # where the plain norm is not differentiable and autograd returns 0.
+    return lambda out: F.pairwise_distance(out.flatten(1), clean.flatten(1), eps=1e-6)
 
 
 class PGD:

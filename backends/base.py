@@ -5,6 +5,7 @@ verb              numpy backend (any NumPy callable)           torch backend (an
 ================  ==========================================  ======================================
 ``embed``         ``model(batch)``                            eval mode, inference mode, on device
 ``sample_noisy``  noise from NumPy generators                 noise drawn on the device
+                  (``noisy_embeddings``: its raw draws, as they come)
 ``pgd``           needs ``grad``, a callable x -> dL/dx       the device-resident loop of
                                                               :mod:`minrr.backends.attacks`
 ``attack_step``   one ``pgd`` step from a given point         (the same)
@@ -27,15 +28,13 @@ model in its own batches. Embeddings are accumulated in float64 by
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from abc import ABC, abstractmethod
 
 import numpy as np
-from tqdm import tqdm
 
 from minrr.data.loaders import check_images, to_unit_float
 from minrr.io import check_positive
+from minrr.progress import progress_bar
 from minrr.smoothing import EstimateAccumulator, SmoothedEstimate
 
 from . import is_torch_tensor
@@ -73,13 +72,6 @@ def _as_images(x, name: str) -> np.ndarray:
     if is_torch_tensor(x):
         x = x.detach().cpu().numpy()
     return check_images(x, name=name)
-
-
-def progress_bar(total: int, enabled: bool, unit: str):
-    """A tqdm bar on stderr (or a context yielding None when not enabled)."""
-    if not enabled:
-        return contextlib.nullcontext(None)
-    return tqdm(total=total, unit=unit, unit_scale=True, file=sys.stderr, leave=False)
 
 
 STEPS = ("sign", "normalized")
@@ -251,29 +243,46 @@ class Backend(ABC):
         -------
         SmoothedEstimate with ``mean`` (N, dim) = g_hat and the norm statistics the bounds need.
         """
+        accumulators = []
+        for _, start, out in self.noisy_embeddings(model, x, sigma, n_samples, seed=seed, first_index=first_index,
+                                                   batch_size=batch_size, progress=progress):
+            if start == 0:
+                accumulators.append(EstimateAccumulator(1, out.shape[1]))
+            accumulators[-1].add(out[None])
+        return _stack([a.result() for a in accumulators])
+
+    def noisy_embeddings(self, model, x, sigma: float, n_samples: int, *, seed: int = 0, first_index: int = 0,
+                         batch_size: int = 1000, progress: bool = False):
+        """The draws behind :meth:`sample_noisy`, as they come: a generator of ``(j, start, h)``.
+
+        Takes the arguments of :meth:`sample_noisy` (checked now, not at the first draw) and
+        yields, query by query, ``h``: (b, dim) float64 embeddings h(x_j + z) of draws
+        ``start .. start + b - 1`` of query j, b <= ``batch_size``. Query j's draws are those
+        whose mean :meth:`sample_noisy` returns, whatever the batch size.
+        """
         x = _as_images(x, "x")
         sigma = check_positive(sigma, name="sigma")
         n_samples = check_whole(n_samples, "n_samples", 2)
         seed = check_whole(seed, "seed", 0)
         first_index = check_whole(first_index, "first_index", 0)
         batch_size = check_whole(batch_size, "batch_size", 1)
+        return self._noisy_batches(model, x, sigma, n_samples, seed, first_index, batch_size, progress)
+
+    def _noisy_batches(self, model, x, sigma, n_samples, seed, first_index, batch_size, progress):
         block = noise_block(n_samples, int(np.prod(x.shape[1:])))
-        estimates = []
-        with self._prepare(model, inference=True) as run, progress_bar(len(x) * n_samples, progress, "draw") as bar:
+        with progress_bar(len(x) * n_samples, progress, "draw") as bar:
             for j in range(len(x)):
-                center = self._to_input(x[j:j + 1])[0]
-                stream = _NoiseStream(self, center, sigma, query_seed(seed, first_index + j), block)
-                accumulator = None
+                stream = None
                 for start in range(0, n_samples, batch_size):
-                    out = self._forward(run, stream.take(min(batch_size, n_samples - start)), float64=True)
-                    accumulator = accumulator or EstimateAccumulator(1, out.shape[1])
-                    accumulator.add(out[None])
+                    with self._prepare(model, inference=True) as run:  # per batch: nothing held between yields
+                        if stream is None:
+                            center = self._to_input(x[j:j + 1])[0]
+                            stream = _NoiseStream(self, center, sigma, query_seed(seed, first_index + j), block)
+                        out = _finite(self._forward(run, stream.take(min(batch_size, n_samples - start)),
+                                                    float64=True))
                     if bar is not None:
                         bar.update(len(out))
-                estimates.append(accumulator.result())
-        estimate = _stack(estimates)
-        _finite(estimate.mean)  # a NaN or infinity in any draw reaches the mean
-        return estimate
+                    yield j, start, out
 
     def pgd(self, model, x, *, eps: float, alpha: float, steps: int, loss=None, grad=None, targets=None,
             norm: str = "linf", step: str | None = None, random_start: bool = False, seed: int = 0,

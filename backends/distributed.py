@@ -28,7 +28,7 @@ import numpy as np
 
 from minrr import hamming
 
-__all__ = ["connect", "in_order", "worker_model", "shard_paths", "search_shards"]
+__all__ = ["connect", "in_order", "worker_model", "shard_paths", "shard_rows", "search_shards"]
 
 
 @contextlib.contextmanager
@@ -61,18 +61,23 @@ def connect(scheduler: str | None = None, workers: int | None = None, *, threads
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a whole number >= 1, got {workers!r}")
     with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
         yield client
 
 
 def in_order(client, function: Callable, chunks: Iterable, *args, window: int | None = None, **kwargs) -> Iterator:
     """``function(chunk, *args, **kwargs)`` for every chunk on the cluster, yielded in chunk order.
 
+    ``client`` None runs the chunks one after the other in this process (the same results).
+
     At most ``window`` tasks (default: twice the cluster's threads) are in flight, so a
     long run neither floods the scheduler nor holds every result in memory; a result is
     yielded as soon as every chunk before it is done. Large ``args`` should be scattered
     futures (``client.scatter(x, broadcast=True)``), sent once instead of with every task.
     """
+    if client is None:  # in this process, one chunk after the other
+        yield from (function(chunk, *args, **kwargs) for chunk in chunks)
+        return
     from dask.distributed import as_completed
 
     window = window or max(2, 2 * sum(client.nthreads().values()))
@@ -133,10 +138,14 @@ def shard_paths(folder, *, name: str = "database") -> list[Path]:
     return shards
 
 
-def _shard_rows(path) -> int:
+def shard_rows(path) -> int:
+    """Rows of one shard (its header only), refusing a shard that is not (N >= 1, K) codes."""
     from minrr.io import load_npy
 
-    return len(load_npy(path, name="database", mmap=True))
+    shard = load_npy(path, name=f"database shard {Path(path).name}", mmap=True)
+    if shard.ndim != 2 or len(shard) == 0:
+        raise ValueError(f"database: shard {Path(path).name} holds shape {shard.shape}; expected (N, K) codes, N >= 1")
+    return len(shard)
 
 
 def _search_shard(job, queries, k: int, packed: bool):
@@ -149,7 +158,8 @@ def _search_shard(job, queries, k: int, packed: bool):
 
 
 def search_shards(client, shards: list, queries, k: int, *, packed: bool = False):
-    """Hamming top-k of ``queries`` over the concatenation of ``shards``, one task per shard.
+    """Hamming top-k of ``queries`` over the concatenation of ``shards``, one task per shard
+    (``client`` None: one shard after the other in this process).
 
     Each worker memory-maps its shard and returns its top min(k, rows) with global row
     numbers; the lists are merged by (distance, index) (:func:`minrr.hamming.merge_top_k`),
@@ -164,11 +174,10 @@ def search_shards(client, shards: list, queries, k: int, *, packed: bool = False
     -------
     distances : (n_queries, k) int32; indices : (n_queries, k) int64 rows of the concatenation.
     """
-    sizes = client.gather(client.map(_shard_rows, [str(p) for p in shards], pure=False))
-    total = int(sum(sizes))
-    k = hamming.check_k(k, total)
+    sizes = [shard_rows(p) for p in shards]  # headers only, read here so a bad shard fails early
+    k = hamming.check_k(k, int(sum(sizes)))
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    shared = client.scatter(np.asarray(queries), broadcast=True)
+    shared = np.asarray(queries) if client is None else client.scatter(np.asarray(queries), broadcast=True)
     parts = list(in_order(client, _search_shard, [(str(p), int(o)) for p, o in zip(shards, offsets)],
                           shared, k, packed))
     return hamming.merge_top_k([d for d, _ in parts], [i for _, i in parts], k)

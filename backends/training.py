@@ -11,7 +11,8 @@
   ``(f + 1) / 2`` and ``(c + 1) / 2`` for the class centre c of
   :func:`minrr.hash_centers.hash_centers`, plus ``lambda mean((|f| - 1)^2)``.
 
-Steps go through :meth:`TorchBackend.train_step`; the optimiser is Adam.
+Steps go through :meth:`TorchBackend.train_step`; the optimiser is Adam. The epoch loop is
+:func:`minrr.backends.defences.fit`, shared with adversarial training.
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from minrr.data.loaders import check_images
-from minrr.hash_centers import hash_centers
-from minrr.io import check_positive
-
-from .base import check_whole, progress_bar
 from .torch_backend import TorchBackend
 
 __all__ = ["TASKS", "pairwise_distances", "triplet_semihard_loss", "csq_loss", "training_batches", "train",
@@ -120,74 +116,34 @@ def train(model, images, labels, *, task: str, epochs: int = 10, batch_size: int
     per_class : images per class in a "dml" batch.
     seed : seeds the batches, the noise and the hash centres.
     """
-    if task not in TASKS:
-        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
-    spec = getattr(model, "spec", None)
-    if spec is None:
-        raise TypeError(f"model: expected a RetrievalNet (see build_model), got {type(model).__name__}")
-    if spec.head != HEAD_OF_TASK[task]:
-        raise ValueError(f"task: {task!r} trains a model with a {HEAD_OF_TASK[task]} head, not a {spec.head} head")
-    epochs = check_whole(epochs, "epochs", 1)
-    batch_size = check_whole(batch_size, "batch_size", 2)
-    per_class = check_whole(per_class, "per_class", 2)
-    for name, value in (("noise_sigma", noise_sigma), ("margin", margin), ("csq_lambda", csq_lambda)):
-        if not (np.isfinite(value) and value >= 0):
-            raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
-    lr = check_positive(lr, name="lr")
-    images = check_images(images, name="images")
-    labels = np.asarray(labels)
-    if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
-        raise ValueError(f"labels: expected ({len(images)},) integer labels, got shape {labels.shape}, "
-                         f"dtype {labels.dtype}")
-    backend = backend or TorchBackend()
-    classes, y = np.unique(labels, return_inverse=True)
-    if task == "dml":
-        def loss(out, target):
-            return triplet_semihard_loss(out, target, margin)
-    else:
-        centers = torch.as_tensor(hash_centers(len(classes), spec.dim, seed=seed), dtype=backend.dtype,
-                                  device=backend.device)
+    from .defences import fit  # the one epoch loop, shared with the defences
 
-        def loss(out, target):
-            return csq_loss(out, centers[target], csq_lambda)
-    model.to(backend.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    rng = np.random.default_rng(seed)
-    streams = np.random.SeedSequence(seed)
-    schedule = [training_batches(y, batch_size, per_class if task == "dml" else None, rng) for _ in range(epochs)]
-    history = []
-    with progress_bar(sum(map(len, schedule)), progress, "step") as bar:
-        for batches in schedule:
-            for index in batches:
-                history.append(backend.train_step(model, optimizer, loss, images[index], y[index],
-                                                  noise_sigma=noise_sigma, noise_seed=streams.spawn(1)[0]))
-                if bar is not None:
-                    bar.update(1)
-    model.eval()
-    return history
+    return fit(model, images, labels, task=task, epochs=epochs, batch_size=batch_size, lr=lr, margin=margin,
+               noise_sigma=noise_sigma, per_class=per_class, csq_lambda=csq_lambda, seed=seed, backend=backend,
+               progress=progress).history
 
 
 def evaluate(model, task: str, queries, query_labels, *, database=None, database_labels=None,
              backend: TorchBackend | None = None, batch_size: int = 256) -> dict:
     """Benign retrieval metrics of a trained model.
 
-    "dml": Recall@1, 2, 4, 8 with the queries as their own gallery, each
-    leaving itself out (robrank's protocol). "hash": mAP over the whole
-    database of the Hamming ranking of the codes ``sign(f)`` (DeepHash /
-    CSQ convention; ``database`` is required).
+    "dml": :func:`minrr.metrics.report.retrieval_metrics` (Recall@1, 2, 4, 8, mAP, mAP@R,
+    R-precision, NMI under pytorch-metric-learning's keys, as ``minrr evaluate``) with the
+    queries as their own gallery, each leaving itself out (robrank's protocol). "hash":
+    ``mean_average_precision`` over the whole database of the Hamming ranking of the codes
+    ``sign(f)`` (DeepHash / CSQ convention; ``database`` is required).
     """
     from minrr.metrics.hashing import hamming_map
-    from minrr.metrics.retrieval import recall_at_k
+    from minrr.metrics.report import retrieval_metrics
 
     backend = backend or TorchBackend()
     queries_out = backend.embed(model, queries, batch_size=batch_size)
     if task == "dml":
-        recall = recall_at_k(queries_out, query_labels, [1, 2, 4, 8])
-        return {f"recall@{k}": float(r) for k, r in zip((1, 2, 4, 8), recall)}
+        return retrieval_metrics(queries_out, query_labels, ks=(1, 2, 4, 8))
     if task != "hash":
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
     if database is None:
         raise ValueError("database: required to evaluate a hashing model")
     database_out = backend.embed(model, database, batch_size=batch_size)
-    return {"map": float(hamming_map(np.where(database_out >= 0, 1, -1), np.where(queries_out >= 0, 1, -1),
+    return {"mean_average_precision": float(hamming_map(np.where(database_out >= 0, 1, -1), np.where(queries_out >= 0, 1, -1),
                                      database_labels, query_labels))}

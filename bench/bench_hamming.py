@@ -55,7 +55,7 @@ def bench_search(n_bits, n_database, n_queries, k, repeats, rng):
     queries = rng.integers(0, 256, size=(n_queries, n_bits // 8), dtype=np.uint8)
     index = faiss.IndexBinaryFlat(n_bits)
     index.add(database)
-    ours = lambda q: hamming.search(database, q, k, packed=True)  # noqa: E731
+    ours = lambda q: hamming.search(q, database, k, packed=True)  # noqa: E731
     theirs = lambda q: index.search(q, k)  # noqa: E731
     ours(queries[:2]), theirs(queries[:2])  # warm up: cache load, thread pools
 
@@ -116,7 +116,7 @@ def bench_map(n_database, n_queries, repeats, rng):
 
 FIRST_CALL = (
     "import time; t = time.perf_counter(); import numpy as np; from minrr import hamming; "
-    "c = np.ones((1000, 64), np.int8); hamming.search(c, c[:5], 10); hamming.search(c, c[:1], 10); "
+    "c = np.ones((1000, 64), np.int8); hamming.search(c[:5], c, 10); hamming.search(c[:1], c, 10); "
     "print(time.perf_counter() - t)"
 )
 

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import numpy as np
 
 from minrr import bounds
-from minrr.bundled import DEFAULT_RADII, DEFAULT_SAMPLES, DEFAULT_SIGMAS, run_bundled
-from minrr.certify import certified_recall, certify, default_radii, summarize
 from minrr.cli.flags import flag_message
-from minrr.io import atomic_path, check_output_path, load_npy
-from minrr.radius import RADIUS_FORMS
+from minrr.io import load_npy
+
+# Copies of minrr.bundled's and minrr.radius's constants, for --help, which must not import numba or
+# scipy (those modules do); tests/test_cli_safety.py checks that they are equal.
+DEFAULT_SIGMAS = (0.1, 0.25, 0.5, 1.0)
+DEFAULT_SAMPLES = 10_000
+DEFAULT_RADII = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+RADIUS_FORMS = ("phi", "linear")
+CERTIFICATES = ("halfspace", "retrievalguard")  # minrr.certify.CERTIFICATES
 
 TSV_COLUMNS = ("idx", "label", "nn_label", "correct", "margin", "margin_lower", "radius",
-               "bound", "sigma", "alpha", "n")
+               "bound", "sigma", "alpha", "n", "certificate")
 
 # Library argument names, as the messages of minrr.certify name them, and their flags.
 FLAGS = {
@@ -24,8 +28,9 @@ FLAGS = {
     "gallery_labels": "--gallery-labels", "norm_bound": "--norm-bound", "n_samples": "--samples",
     "sigma": "--sigma", "alpha": "--alpha", "bound": "--bound", "k": "--top-k",
     "x": "--data", "device": "--device", "batch_size": "--batch-size", "seed": "--seed",
+    "certificate": "--certificate",
 }
-MODEL_FLAGS = ("data", "gallery_data", "device", "batch_size")
+MODEL_FLAGS = ("data", "gallery_data", "device", "batch_size", "skip", "max", "scheduler", "workers")
 
 
 def register(subparsers) -> None:
@@ -73,10 +78,15 @@ def register(subparsers) -> None:
                    help="Monte-Carlo draws behind each mean (required with (N, dim) means and with --model; "
                         f"the bundled default draws {DEFAULT_SAMPLES})")
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="certify Recall@K (default: 1)")
+    p.add_argument("--certificate", choices=CERTIFICATES, default=CERTIFICATES[0],
+                   help="'halfspace' (default): one linear condition per pair of gallery items, never smaller "
+                        "than RetrievalGuard's; 'retrievalguard': the margin and the Lipschitz bound of the "
+                        "paper (with --bound paper, the paper's certificate exactly)")
     p.add_argument("--radius-form", choices=RADIUS_FORMS, default="phi",
-                   help="'phi': 2 sigma Phi^-1(1/2 + d/(8F)) (default); 'linear': the Lipschitz form")
+                   help="'phi': 2 sigma Phi^-1(1/2 + d/(8F)) (default); 'linear': the Lipschitz form "
+                        "(RetrievalGuard's radius)")
     p.add_argument("--radii", metavar="R1,R2,...",
-                   help="radii at which to report certified recall (default: 0 to 1.25 sigma; the "
+                   help="radii at which to report certified recall (default: 0 to 3 sigma; the "
                         f"bundled default uses {', '.join(map(str, DEFAULT_RADII))})")
     p.add_argument("--precision", choices=("float32", "float64"), default="float32",
                    help="precision of the distance GEMM; rounding is accounted for either way "
@@ -84,14 +94,30 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="noise seed of the bundled default and of --model (default: 0); one stream per query")
     p.add_argument("--device", help="with --model, the torch device, e.g. cpu or cuda (default: cuda when available)")
+    p.add_argument("--skip", type=int, metavar="S",
+                   help="with --model, certify every S-th query of --data only (indices 0, S, 2S, ...; as Cohen et "
+                        "al.'s certify.py)")
+    p.add_argument("--max", type=int, metavar="M",
+                   help="with --model, certify only queries with an index below M (as Cohen et al.'s certify.py)")
     p.add_argument("--batch-size", type=int, metavar="B",
                    help="with --model, noisy copies per forward pass (default: 1000); results do not depend on it "
                         "beyond floating-point rounding")
+    scale = p.add_argument_group("scale-out on a Dask cluster (with --model; needs minrr[distributed])")
+    scale.add_argument("--scheduler", metavar="ADDRESS",
+                       help="address of a running Dask scheduler, e.g. tcp://10.0.0.1:8786 (a Slurm or Kubernetes "
+                            "cluster started with dask-jobqueue or dask-kubernetes); each worker loads --model once")
+    scale.add_argument("--workers", type=int, metavar="K", help="start a local Dask cluster of K worker processes")
+    scale.add_argument("--chunk-size", type=int, default=8, metavar="C",
+                       help="queries per task (default: 8); the rows do not depend on it, nor on the workers")
+    scale.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
+                       help="torch threads of each worker (default: 1; local workers get T threads each)")
     p.add_argument("--out", metavar="results.tsv",
                    help="write one row per query (TSV); with --model, rows go to results.tsv.partial as they "
                         "are made, and a rerun with the same settings resumes from it")
     p.add_argument("--json", metavar="summary.json", help="write the summary as JSON")
-    p.add_argument("--plot", metavar="curve.png", help="draw certified recall against radius (needs matplotlib)")
+    p.add_argument("--plot", metavar="curve.pdf",
+                   help="draw certified recall against radius: .pdf, .svg or .png, the format following the "
+                        "extension (needs matplotlib); minrr plot redraws and compares TSV files")
     p.set_defaults(run=run)
 
 
@@ -106,14 +132,16 @@ def _parse_radii(text: str) -> np.ndarray:
 
 
 def _check_arguments(args) -> None:
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("--plot: matplotlib is not installed (pip install 'minrr[plot]')")
+    if args.plot:
+        from minrr.cli.plotting import check_plot_path
+
+        check_plot_path(args.plot, name="--plot")
     if args.top_k < 1:
         raise ValueError(f"--top-k: expected a whole number >= 1, got {args.top_k}")
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected a whole number >= 0, got {args.seed}")
     if args.samples is not None and args.samples < 2:
         raise ValueError(f"--samples: expected at least 2 draws, got {args.samples}")
-    for flag in ("out", "json", "plot"):
-        check_output_path(getattr(args, flag), name=f"--{flag}")
     if args.model is not None:
         _check_model_arguments(args)
         return
@@ -146,6 +174,11 @@ def _check_model_arguments(args) -> None:
         raise ValueError("--samples: required with --model (noisy copies of each query)")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a whole number >= 1, got {args.batch_size}")
+    if args.scheduler is not None and args.workers is not None:
+        raise ValueError("--workers: give either --scheduler (a running cluster) or --workers (a local one)")
+    for flag in ("skip", "max", "workers", "chunk_size", "threads_per_worker"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag}: expected a whole number >= 1, got {getattr(args, flag)}")
 
 
 def _load_embeddings(path, flag):
@@ -160,6 +193,9 @@ def _load_embeddings(path, flag):
 
 
 def _run_files(args, radii):
+    from minrr.certify import certify, default_radii
+    from minrr.labels import check_labels, check_top_k
+
     queries = _load_embeddings(args.embeddings, "--embeddings")
     labels = load_npy(args.labels, name="--labels")
     gallery = gallery_labels = None
@@ -168,10 +204,12 @@ def _run_files(args, radii):
         gallery_labels = load_npy(args.gallery_labels, name="--gallery-labels")
     if queries.ndim == 2 and args.samples is None:
         raise ValueError("--samples: required when --embeddings holds (N, dim) Monte-Carlo means")
+    check_top_k(args.top_k, check_labels(labels, name="query_labels"),
+                check_labels(labels if gallery_labels is None else gallery_labels, name="gallery_labels"))
     result = certify(queries, labels, sigma=args.sigma, gallery=gallery, gallery_labels=gallery_labels,
                      n_samples=args.samples if queries.ndim == 2 else None, norm_bound=args.norm_bound,
                      alpha=args.alpha, bound=args.bound, top_k=args.top_k,
-                     radius_form=args.radius_form, precision=args.precision)
+                     radius_form=args.radius_form, precision=args.precision, certificate=args.certificate)
     return [result], default_radii(args.sigma) if radii is None else radii
 
 
@@ -181,51 +219,35 @@ def _label_text(label) -> str:
 
 
 def tsv_row(idx: int, result, i: int) -> str:
-    """The TSV line of query ``i`` of ``result``, numbered ``idx``."""
+    """The TSV line of query ``i`` of ``result``, numbered ``idx``.
+
+    Margins and radii are written in full (Python's shortest repr, which reads back to the same
+    float), so a radius is never rounded up and a summary built from the file is exact.
+    """
     s = result.settings
     return (f"{idx}\t{_label_text(result.label[i])}\t{_label_text(result.nearest_label[i])}\t"
-            f"{int(result.correct[i])}\t{result.margin[i]:.6g}\t{result.margin_lower[i]:.6g}\t"
-            f"{result.radius[i]:.6g}\t{s['bound']}\t{s['sigma']:g}\t{s['alpha']:g}\t{s['n']}\n")
+            f"{int(result.correct[i])}\t{float(result.margin[i])!r}\t{float(result.margin_lower[i])!r}\t"
+            f"{float(result.radius[i])!r}\t{s['bound']}\t{s['sigma']:g}\t{s['alpha']:g}\t{s['n']}\t"
+            f"{s['certificate']}\n")
 
 
 def _write_tsv(path, results) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+    with open(path, "w") as fh:
         fh.write("\t".join(TSV_COLUMNS) + "\n")
         for result in results:
             for i in range(len(result.margin)):
                 fh.write(tsv_row(i, result, i))
 
 
-def _write_plot(path, results, radii) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    top = max([float(np.max(radii))] + [float(np.max(r.radius[np.isfinite(r.radius)], initial=0)) for r in results])
-    grid = np.linspace(0.0, max(top, 1e-12), 200)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for result in results:
-        s = result.settings
-        ax.plot(grid, certified_recall(result, grid), label=f"sigma = {s['sigma']:g}")
-    k = results[0].settings["top_k"]
-    ax.set_xlabel("l2 radius (input units)")
-    ax.set_ylabel(f"certified Recall@{k}")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
 def _print_summary(results, radii, source) -> None:
+    from minrr.certify import certified_recall
+
     s0 = results[0].settings
     k = s0["top_k"]
     print(f"{source}")
-    print(f"bound {s0['bound']}, alpha {s0['alpha']:g}, n {s0['n']}, F {s0['norm_bound']:g}, "
-          f"gallery {s0['gallery']}, radius form {s0['radius_form']}, {len(results[0].margin)} queries")
+    print(f"certificate {s0['certificate']}, bound {s0['bound']}, alpha {s0['alpha']:g}, n {s0['n']}, "
+          f"F {s0['norm_bound']:g}, gallery {s0['gallery']}, radius form {s0['radius_form']}, "
+          f"{len(results[0].margin)} queries")
     cells = [f"r={r:.4g}" for r in radii]
     width = max(7, *(len(c) for c in cells))
     print(f"certified Recall@{k} at radius r (share of queries certified with radius >= r):")
@@ -238,14 +260,37 @@ def _print_summary(results, radii, source) -> None:
               + f"  {1 - result.certified.mean():>9.3f}  {np.median(result.radius):>9.4g}")
 
 
+def _files(args):
+    """Inputs and outputs of this run, checked before any work (see :mod:`minrr.cli.outputs`)."""
+    from minrr.cli.certify_model import partial_path
+    from minrr.cli.outputs import Files
+
+    files = Files.of(args, inputs=["--embeddings", "--model", "--data", "--labels", "--gallery", "--gallery-data",
+                                   "--gallery-labels"])
+    if args.model is not None:
+        from minrr.backends.checkpoint import card_path
+
+        files.input("--model", card_path(args.model))
+    files.output("--out", args.out, beside={"partial result": partial_path(args.out)} if args.model and args.out
+                 else None)
+    files.output("--json", args.json)
+    files.output("--plot", args.plot)
+    files.check()
+    return files
+
+
 def run(args) -> int:
+    from minrr.bundled import run_bundled
+    from minrr.certify import default_radii, summarize
+
+    files = _files(args)
     try:
         _check_arguments(args)
         radii = None if args.radii is None else _parse_radii(args.radii)
         if args.model is not None:
             from minrr.cli.certify_model import run_model
 
-            results, source = run_model(args)
+            results, source, rows = run_model(args)
             radii = default_radii(args.sigma) if radii is None else radii
         elif args.embeddings is None:
             sigmas = DEFAULT_SIGMAS if args.sigma is None else (args.sigma,)
@@ -254,7 +299,7 @@ def run(args) -> int:
                   "learned now, Gaussian noise sampled in NumPy)", file=sys.stderr)
             results = run_bundled(sigmas, n_samples=args.samples or DEFAULT_SAMPLES, alpha=args.alpha,
                                   bound=args.bound, top_k=args.top_k, radius_form=args.radius_form,
-                                  seed=args.seed)
+                                  seed=args.seed, certificate=args.certificate)
             radii = np.array(DEFAULT_RADII) if radii is None else radii
             source = "bundled default: Fashion-MNIST subset, LDA embedding"
         else:
@@ -263,13 +308,19 @@ def run(args) -> int:
     except (ValueError, TypeError) as exc:
         raise type(exc)(flag_message(exc, FLAGS)) from None
 
-    if args.out and args.model is None:  # the --model path writes its rows as it goes
-        _write_tsv(args.out, results)
-    if args.json:
-        payload = {"source": source, "runs": [summarize(r, radii) for r in results]}
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    if args.plot:
-        _write_plot(args.plot, results, radii)
+    with files.commit() as tmp:  # --out, --json and --plot: all or none
+        if args.out and args.model is not None:
+            rows.write(tmp["--out"])
+        elif args.out:
+            _write_tsv(tmp["--out"], results)
+        if args.json:
+            payload = {"source": source, "runs": [summarize(r, radii) for r in results]}
+            tmp["--json"].write_text(json.dumps(payload, indent=2) + "\n")
+        if args.plot:
+            from minrr.cli.plotting import check_plot_path, curves_from_results, draw_curves
+
+            draw_curves(curves_from_results(results), tmp["--plot"], check_plot_path(args.plot, name="--plot"))
+    if args.out and args.model is not None:
+        rows.remove_partial()  # only now that the final file is in place
     _print_summary(results, radii, source)
     return 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from minrr.io import atomic_path
-from minrr.scores import load_attack_record, score
+from minrr.cli.outputs import Files
 
 
 def register(subparsers) -> None:
@@ -33,9 +32,13 @@ def _print_table(scores) -> None:
 
 
 def run(args) -> int:
-    scores = score(load_attack_record(args.attacks))
+    from minrr.scores import load_attack_record, score
+
+    files = Files.of(args, inputs=["--attacks"], outputs=["--json"])
+    files.check()
+    scores = score(load_attack_record(args.attacks, name="--attacks"))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({"attacks": str(args.attacks), **scores.to_dict()}, indent=2) + "\n")
+        with files.commit() as tmp:
+            tmp["--json"].write_text(json.dumps({"attacks": str(args.attacks), **scores.to_dict()}, indent=2) + "\n")
     _print_table(scores)
     return 0

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from minrr import hamming
-from minrr.cli.flags import flag_message
-from minrr.io import atomic_path, load_npy
-from minrr.labels import check_label_pair, check_labels
-from minrr.metrics.hashing import average_precision, mean_of_ap
+from minrr.cli.outputs import Files
+from minrr.io import load_npy
 
-# Library argument names, as minrr.hamming and minrr.labels messages start, and their flags.
-FLAGS = {"database": "--database", "queries": "--queries", "k": "--k",
-         "query_labels": "--labels", "database_labels": "--database-labels"}
+# Library argument names (minrr.hamming, minrr.labels) that are not a flag's dest.
+FLAGS = {"k": "--top-k", "query_labels": "--labels"}
 
 
 def register(subparsers) -> None:
@@ -25,12 +20,16 @@ def register(subparsers) -> None:
         description="Exact Hamming search of query codes against a database of codes. Codes are "
                     "(n, K) arrays with values in {-1, 1} or {0, 1} (numeric or bool), or with "
                     "--packed uint8 rows in the np.packbits / faiss layout (K = 8 x columns). The "
-                    "database is memory-mapped and scanned in blocks.",
+                    "database is memory-mapped and scanned in blocks; a folder of .npy shards is searched "
+                    "shard by shard (on a Dask cluster with --scheduler or --workers) and the lists merged "
+                    "by (distance, index), with the same result as one file.",
     )
-    p.add_argument("--database", required=True, metavar="db.npy", help="database codes, (N, K)")
+    p.add_argument("--database", required=True, metavar="db.npy|DIR",
+                   help="database codes, (N, K); or a folder of .npy shards, rows in the order of the file "
+                        "names (shard-00000.npy, shard-00001.npy, ...)")
     p.add_argument("--queries", required=True, metavar="q.npy", help="query codes, (n_queries, K)")
-    p.add_argument("--k", required=True, type=int, metavar="K",
-                   help="neighbours per query, 1 <= K <= N")
+    p.add_argument("--top-k", "--k", required=True, type=int, metavar="K",
+                   help="neighbours per query, 1 <= K <= N (--k is an alias)")
     p.add_argument("--packed", action="store_true",
                    help="both files hold packed uint8 codes (np.packbits layout) instead of one value per bit")
     p.add_argument("--out", metavar="result.npz",
@@ -38,17 +37,64 @@ def register(subparsers) -> None:
     p.add_argument("--labels", metavar="ql.npy",
                    help="query labels, (n_queries,) integers or (n_queries, C) multi-hot: report mAP@K")
     p.add_argument("--database-labels", metavar="dl.npy", help="database labels, like --labels")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="with a folder of shards: search them on this Dask scheduler (needs minrr[distributed])")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="with a folder of shards: search them on a local Dask cluster of N worker processes")
     p.set_defaults(run=run)
+
+
+class ShardedCodes:
+    """A folder of code shards, seen as one (N, K) database: its shape, and the shard files."""
+
+    def __init__(self, shards):
+        from minrr.backends.distributed import shard_rows
+
+        first = load_npy(shards[0], name="--database", mmap=True)
+        self.shards, self.dtype, self.itemsize = shards, first.dtype, first.itemsize
+        self.shape = (sum(shard_rows(path) for path in shards), *first.shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def _search(args, database, queries):
+    """Top-k of the queries: one file in this process, or a folder of shards (locally or on Dask)."""
+    from minrr import hamming
+
+    if not isinstance(database, ShardedCodes):
+        return hamming.search(queries, database, args.top_k, packed=args.packed, progress=True)
+    from minrr.backends.distributed import connect, search_shards
+
+    if args.scheduler is None and args.workers is None:
+        return search_shards(None, database.shards, queries, args.top_k, packed=args.packed)
+    with connect(args.scheduler, args.workers) as client:
+        return search_shards(client, database.shards, queries, args.top_k, packed=args.packed)
 
 
 def _load(args):
     """Load and check every input file before the search starts."""
+    from minrr.labels import check_label_pair, check_labels
+
     if (args.labels is None) != (args.database_labels is None):
         raise ValueError("--labels: --labels and --database-labels go together")
-    if args.out is not None and not Path(args.out).resolve().parent.is_dir():
-        raise ValueError(f"--out: the folder of {args.out} does not exist")
-    database = load_npy(args.database, name="--database", mmap=True)
+    if args.scheduler is not None or args.workers is not None:
+        if not Path(args.database).is_dir():
+            raise ValueError(f"--{'scheduler' if args.scheduler is not None else 'workers'}: needs --database "
+                             "to be a folder of .npy shards")
+        if args.scheduler is not None and args.workers is not None:
+            raise ValueError("--workers: give either --scheduler (a running cluster) or --workers (a local one)")
+    if Path(args.database).is_dir():
+        from minrr.backends.distributed import shard_paths
+
+        database = ShardedCodes(shard_paths(args.database, name="--database"))
+    else:
+        database = load_npy(args.database, name="--database", mmap=True)
     queries = load_npy(args.queries, name="--queries")
+    for flag, arr in (("--database", database), ("--queries", queries)):
+        if arr.ndim == 2 and len(arr) == 0:
+            raise ValueError(f"{flag}: {getattr(args, flag[2:])} holds no codes (shape {arr.shape})")
     labels = None
     if args.labels is not None:
         # A 0-D code array has no rows to count; hamming.search then names that problem.
@@ -63,20 +109,20 @@ def _load(args):
 
 
 def run(args) -> int:
-    try:
-        database, queries, labels = _load(args)
-        distances, indices = hamming.search(database, queries, args.k, packed=args.packed,
-                                            progress=sys.stderr.isatty())
-        if labels is not None:
-            ap, n_relevant = average_precision(indices, *labels)
-    except (ValueError, TypeError) as exc:
-        raise type(exc)(flag_message(exc, FLAGS)) from None
+    from minrr.metrics.hashing import average_precision, mean_of_ap
+
+    files = Files.of(args, inputs=["--database", "--queries", "--labels", "--database-labels"], outputs=["--out"])
+    files.check()
+    database, queries, labels = _load(args)
+    distances, indices = _search(args, database, queries)
+    if labels is not None:
+        ap, n_relevant = average_precision(indices, *labels)
 
     n_queries, k = indices.shape
     bits = database.shape[1] * (8 * database.itemsize if args.packed else 1)
     print(f"searched {n_queries} queries against {len(database)} codes of {bits} bits, k = {k}")
     if args.out is not None:
-        with atomic_path(args.out) as tmp, open(tmp, "wb") as fh:
+        with files.commit() as tmp, open(tmp["--out"], "wb") as fh:
             np.savez(fh, distances=distances, indices=indices)
         print(f"wrote {args.out}: distances, indices ({n_queries} x {k})")
     if labels is not None:

@@ -24,7 +24,7 @@ DEFAULT_RADII = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 def run_bundled(sigmas=DEFAULT_SIGMAS, *, n_samples: int = DEFAULT_SAMPLES, alpha: float = 1e-3,
                 bound: str = "empirical-bernstein", top_k: int = 1, radius_form: str = "phi",
-                seed: int = 0, progress=None) -> list[CertifyResult]:
+                seed: int = 0, progress=None, certificate: str = "halfspace") -> list[CertifyResult]:
     """Certify the bundled subset at each sigma; one :class:`CertifyResult` per sigma.
 
     ``progress``, if given, is called with each sigma before its work starts.
@@ -40,5 +40,5 @@ def run_bundled(sigmas=DEFAULT_SIGMAS, *, n_samples: int = DEFAULT_SAMPLES, alph
         estimate = model.smoothed_estimate(test, sigma, n_samples, seed=seed)
         results.append(certify(estimate, data["test_labels"], sigma=sigma, gallery=model.embed(train),
                                gallery_labels=data["train_labels"], alpha=alpha, bound=bound,
-                               top_k=top_k, radius_form=radius_form))
+                               top_k=top_k, radius_form=radius_form, certificate=certificate))
     return results

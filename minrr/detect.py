@@ -30,12 +30,12 @@ from scipy import special
 
 from . import hamming
 from .distance_models import HammingDistanceModel
-from .io import as_float_array, check_probability
+from .io import as_float_array, check_json_fingerprint, check_probability, json_fingerprint
 from .metrics.detection import check_adversarial_labels, detection_rates, roc_auc
 
 __all__ = ["CRITERIA", "C3_FORMS", "METHODS", "THREE_SIGMA", "binarize", "check_outputs",
            "hamming_criterion", "quantization_criterion", "inconsistency_criterion", "criteria",
-           "check_scores", "Detector"]
+           "check_scores", "allowed_false_positives", "benign_threshold", "Detector"]
 
 CRITERIA = ("c1", "c2", "c3")
 C3_FORMS = ("soft", "hard", "soft-l1")
@@ -121,7 +121,7 @@ def hamming_criterion(f, database, *, top_k: int = 100, packed: bool = False,
     codes = binarize(f)
     if packed:
         codes = np.packbits(codes > 0, axis=1) if database.dtype == np.uint8 else hamming.pack(codes)
-    distances, _ = hamming.search(database, codes, int(top_k), packed=packed, progress=progress)
+    distances, _ = hamming.search(codes, database, int(top_k), packed=packed, progress=progress)
     return distances.mean(axis=1)
 
 
@@ -179,6 +179,22 @@ def check_scores(scores, *, name: str = "scores") -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Calibration
 # ---------------------------------------------------------------------------
+
+
+def allowed_false_positives(n: int, fpr: float) -> int:
+    """a = floor(n fpr): how many of n benign calibration queries a detector at target ``fpr`` may flag."""
+    return math.floor(n * fpr + 1e-9)
+
+
+def benign_threshold(sorted_scores: np.ndarray, fpr: float):
+    """The (1 - fpr) benign quantile T of suspiciousness scores: their (n - a)-th smallest, a = floor(n fpr).
+
+    Flagging ``s > T`` flags at most a of the n benign scores, exactly a when none of them ties
+    T. ``sorted_scores``: (n,) or (n, m) ascending along axis 0 (larger is more suspicious);
+    returns a scalar or (m,), one threshold per column.
+    """
+    n = len(sorted_scores)
+    return sorted_scores[n - 1 - allowed_false_positives(n, fpr)]
 
 
 class Detector:
@@ -239,6 +255,38 @@ class Detector:
             raise TypeError(f"database: expected a dict or None, got {type(database).__name__}")
         self.database = database
 
+    @classmethod
+    def from_model(cls, model, benign_images, *, database_images=None, database_codes=None, packed: bool = False,
+                   batch_size: int = 256, progress: bool = False, **settings) -> Detector:
+        """A detector calibrated straight from a hashing model and benign images, in one call.
+
+        Runs the model over the benign images and their 3 x 3 mean-blurred copies (f and f_t,
+        :func:`minrr.backends.detection.detector_outputs`, on the device of the model's
+        parameters), takes the database codes sign(f) of ``database_images`` (or
+        ``database_codes``), computes the criteria and fits.
+
+        Parameters
+        ----------
+        model : torch ``nn.Module`` or NumPy callable, (b, C, H, W) images -> (b, K) outputs in [-1, 1].
+        benign_images : (n, C, H, W) uint8 or floats in [0, 1], the calibration queries.
+        database_images : (N, C, H, W) images of the retrieval database; or
+        database_codes : (N, K) codes (packed with ``packed=True``), as for :func:`criteria`.
+        batch_size, progress : as for ``detector_outputs``.
+        **settings : the constructor's arguments (fpr, method, top_k, c3, c1_model, ...).
+        """
+        from minrr.backends.detection import detector_outputs
+
+        if (database_images is None) == (database_codes is None):
+            raise ValueError("database_images: give the database as images or as database_codes (one of the two)")
+        detector = cls(**settings)
+        benign = detector_outputs(model, benign_images, "umcd", batch_size=batch_size, progress=progress)
+        if database_images is not None:
+            # "lid" is the detector that reads f alone: the database's outputs, no transformed copies
+            outputs = detector_outputs(model, database_images, "lid", batch_size=batch_size, progress=progress)
+            database_codes, packed = binarize(check_outputs(outputs["f"], name="database_images")), False
+        return detector.fit(detector.criteria(benign["f"], benign["f_t"], database_codes, packed=packed,
+                                              progress=progress))
+
     # -- criteria -------------------------------------------------------------
 
     def criteria(self, f, f_t, database, *, packed: bool = False, progress: bool = False) -> np.ndarray:
@@ -265,7 +313,7 @@ class Detector:
         oriented = s * _SUSPICIOUS_SIGN
         fixed = self._model_flags(s)
         calibrated = [1, 2] if self.c1_model is not None else [0, 1, 2]
-        allowed = math.floor(n * self.fpr + 1e-9)  # false positives the calibration set may have
+        allowed = allowed_false_positives(n, self.fpr)  # false positives the calibration set may have
         budget = allowed - int(fixed.sum())
         share = budget // len(calibrated) if self.method == "bonferroni" else budget
         if share < 1:
@@ -339,8 +387,7 @@ class Detector:
         s = check_scores(scores)
         y = check_adversarial_labels(is_adversarial, len(s))
         oriented = s * _SUSPICIOUS_SIGN
-        n = len(self.benign_)
-        alone = self._sorted[n - 1 - math.floor(n * self.fpr + 1e-9)]
+        alone = benign_threshold(self._sorted, self.fpr)
         both_kinds = y.any() and not y.all()
         rows = {}
         for i, name in enumerate(CRITERIA):
@@ -370,14 +417,23 @@ class Detector:
             "database": self.database,
             "benign_scores": {name: self.benign_[:, i].tolist() for i, name in enumerate(CRITERIA)},
         }
-        return json.dumps(document, indent=1)
+        return json.dumps({**document, "fingerprint": json_fingerprint(document)}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Detector:
         """Rebuild a detector from :meth:`to_json` text; it refits on the stored benign scores
-        and refuses a file whose thresholds do not follow from them."""
+        and refuses a file whose thresholds do not follow from them, or that was edited in any
+        other way (its ``fingerprint``, :func:`minrr.io.json_fingerprint`, does not match)."""
         try:
             doc = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"detector: {' '.join(str(exc).split()) or 'nested too deeply'}") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc) -> Detector:
+        """:meth:`from_json` of the parsed JSON document (e.g. from :func:`minrr.io.read_json`)."""
+        try:
             if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
                 raise ValueError(f"not a {_FORMAT} JSON document")
             if doc.get("version") != _VERSION:
@@ -389,9 +445,10 @@ class Detector:
             benign = np.column_stack([np.asarray(doc["benign_scores"][name], dtype=float) for name in CRITERIA])
             detector.fit(benign)
             stored = [doc["thresholds"][name] for name in CRITERIA]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"detector: {' '.join(str(exc).split())}") from None
-        if stored != detector.thresholds_.tolist() or doc["level"] != detector.level_:
+        if stored != detector.thresholds_.tolist() or doc.get("level") != detector.level_:
             raise ValueError("detector: the stored thresholds do not follow from the stored benign scores "
                              "(was the file edited?)")
+        check_json_fingerprint(doc, name="detector")
         return detector

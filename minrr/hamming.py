@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from tqdm import tqdm
+
+from .progress import progress_bar
 
 __all__ = ["pack", "unpack", "from_packbits", "to_packbits", "hamming_distances", "search", "rank"]
 
@@ -459,13 +460,13 @@ def _n_shards(n_queries: int) -> int:
     return threads if -(-n_queries // _GROUP) < 4 * threads else 1
 
 
-def hamming_distances(database, queries, *, packed: bool = False) -> np.ndarray:
+def hamming_distances(queries, database, *, packed: bool = False) -> np.ndarray:
     """All Hamming distances between queries and database codes.
 
     Parameters
     ----------
-    database : (N, K) codes, or (N, K / 8) uint8 / (N, W) uint64 with ``packed=True``
-    queries : (n_queries, K) codes in the same layout
+    queries : (n_queries, K) codes, or (n_queries, K / 8) uint8 / (n_queries, W) uint64 with ``packed=True``
+    database : (N, K) codes in the same layout
     packed : bool, whether both arrays are packed (uint8 packbits or uint64 words)
 
     Returns
@@ -477,7 +478,7 @@ def hamming_distances(database, queries, *, packed: bool = False) -> np.ndarray:
 
 
 def _all_distances(db: _Codes, q_words: np.ndarray, n_shards: int, bar) -> np.ndarray:
-    """(n_queries, N) int32 distances, block by block (``bar``: a tqdm bar or None)."""
+    """(n_queries, N) int32 distances, block by block (``bar``: a progress counter or None)."""
     out = np.empty((len(q_words), db.n), dtype=np.int32)
     transposed = _transposed(db, len(q_words))
     for start, stop, block in db.blocks(transposed):
@@ -487,16 +488,17 @@ def _all_distances(db: _Codes, q_words: np.ndarray, n_shards: int, bar) -> np.nd
     return out
 
 
-def search(database, queries, k: int, *, packed: bool = False, progress: bool = False):
+def search(queries, database, k: int, *, packed: bool = False, progress: bool = False):
     """The k nearest database codes of each query in Hamming distance.
 
-    Ties are broken by the smaller database index. The database is read in blocks, so
-    it may be a memory-mapped array larger than memory.
+    Queries come first, as in ``faiss.knn(xq, xb, k)``. Ties are broken by the smaller
+    database index. The database is read in blocks, so it may be a memory-mapped array
+    larger than memory.
 
     Parameters
     ----------
-    database : (N, K) codes, or (N, K / 8) uint8 / (N, W) uint64 with ``packed=True``
-    queries : (n_queries, K) codes in the same layout
+    queries : (n_queries, K) codes, or (n_queries, K / 8) uint8 / (n_queries, W) uint64 with ``packed=True``
+    database : (N, K) codes in the same layout
     k : int, 1 <= k <= N
     packed : bool, whether both arrays are packed (uint8 packbits or uint64 words)
     progress : bool, show a progress bar on stderr
@@ -519,7 +521,7 @@ def check_k(k, n: int) -> int:
     return int(k)
 
 
-def rank(database, queries, *, packed: bool = False, progress: bool = False):
+def rank(queries, database, *, packed: bool = False, progress: bool = False):
     """Full Hamming ranking of the database for each query (:func:`search` with k = N).
 
     Each ranking is a counting sort over the K + 1 distance values, O(N) per query;
@@ -553,8 +555,7 @@ def _top_k(db: _Codes, q_words: np.ndarray, n_shards: int, k: int, progress: boo
     batch = max(1, _STATE_BYTES // per_query)
     out_dist = np.empty((n_queries, k), dtype=np.int32)
     out_index = np.empty((n_queries, k), dtype=np.int64)
-    with tqdm(total=db.n * -(-n_queries // batch), unit="code", unit_scale=True,
-              disable=not progress, desc="search") as bar:
+    with progress_bar(db.n * -(-n_queries // batch), progress, "code", desc="search") as bar:
         for q0 in range(0, n_queries, batch):
             q_batch = q_words[q0:q0 + batch]
             rows = slice(q0, q0 + batch)
@@ -580,7 +581,8 @@ def _scan_candidates(db, q_words, n_shards, k, cap, n_bins, bar, out_dist, out_i
     for start, stop, block in db.blocks(transposed):
         _scan_block(block, transposed, start, q_words, n_shards, k, cand_dist, cand_index,
                     n_cand, hist, bound, below)
-        bar.update(stop - start)
+        if bar is not None:
+            bar.update(stop - start)
     _finish(cand_dist, cand_index, n_cand, n_shards, k, n_bins, out_dist, out_index)
 
 

@@ -9,8 +9,11 @@ one line and exits with status 1.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import math
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 
@@ -23,8 +26,16 @@ __all__ = [
     "check_probability",
     "check_positive",
     "check_output_path",
+    "read_json",
+    "json_fingerprint",
+    "check_json_fingerprint",
+    "MAX_JSON_BYTES",
     "atomic_path",
+    "atomic_paths",
 ]
+
+MAX_JSON_BYTES = 64 << 20
+"""Largest JSON file minrr reads (model cards, detectors, attack records): 64 MiB."""
 
 
 def load_npy(path, *, name: str, mmap: bool = False) -> np.ndarray:
@@ -36,9 +47,7 @@ def load_npy(path, *, name: str, mmap: bool = False) -> np.ndarray:
     promises are refused. With ``mmap=True`` the array is memory-mapped
     read-only, so large arrays need not fit in memory.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{name}: file not found: {path}")
+    path = _existing_file(path, name)
     with open(path, "rb") as fh:
         start = fh.read(6)
         fh.seek(0)
@@ -46,28 +55,52 @@ def load_npy(path, *, name: str, mmap: bool = False) -> np.ndarray:
             raise ValueError(f"{name}: {path} is a pickled Python object; minrr loads only numeric .npy arrays")
         if start[:2] == b"PK":
             raise ValueError(f"{name}: {path} is an .npz archive; expected a single .npy array")
-        try:
-            version = np.lib.format.read_magic(fh)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read_header(fh)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {path} is not a .npy file ({exc})") from None
-        offset = fh.tell()
-    if dtype.hasobject:
-        raise ValueError(f"{name}: {path} holds Python objects (a pickled array); minrr loads only numeric .npy arrays")
-    expected = offset + int(np.prod(shape)) * dtype.itemsize
-    size = path.stat().st_size
-    if size < expected:
-        raise ValueError(f"{name}: {path} is truncated ({size} bytes, its header promises {expected})")
+        _check_npy_header(fh, path.stat().st_size, f"{name}: {path}")
     return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+
+
+def _check_npy_header(fh, size: int, where: str) -> None:
+    """Read the .npy header at the start of ``fh`` (``size`` bytes in all) and refuse, before any
+    data is read, object arrays (pickles), negative sizes and data shorter than the header promises
+    (so an absurd shape never reaches an allocation). ``where`` starts every message."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(fh)
+    except ValueError as exc:
+        raise ValueError(f"{where} is not a .npy file ({exc})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{where} holds pickled Python objects (an object array); minrr loads only numeric arrays")
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"{where} has a damaged header (shape {shape}); expected non-negative sizes")
+    expected = fh.tell() + math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if size < expected:
+        raise ValueError(f"{where} is truncated ({size} bytes, its header promises {expected})")
+
+
+def _existing_file(path, name: str) -> Path:
+    """``path`` as a Path, if it is a regular file (not a folder, a device or a pipe)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{name}: file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{name}: {path} is {'a folder' if path.is_dir() else 'not a regular file'}; expected a file")
+    return path
 
 
 def load_npz(path, *, name: str) -> dict[str, np.ndarray]:
     """Load every array of an ``.npz`` archive into memory, never unpickling."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{name}: file not found: {path}")
+    path = _existing_file(path, name)
+    if zipfile.is_zipfile(path):  # every member's header is checked before any data is read
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    if member.filename.endswith(".npy"):
+                        with archive.open(member) as fh:
+                            _check_npy_header(fh, member.file_size, f"{name}: {path} array {member.filename[:-4]!r}")
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{name}: {path} is truncated or not an .npz archive ({exc})") from None
     arrays = None
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -128,22 +161,116 @@ def check_positive(value: float, *, name: str) -> float:
     return value
 
 
+def read_json(path, *, name: str | None = None, max_bytes: int = MAX_JSON_BYTES):
+    """The JSON document in the file ``path``, read with a size limit.
+
+    At most ``max_bytes`` are read, so ``/dev/zero`` or a huge file fails at
+    once; invalid UTF-8, invalid JSON and nesting too deep for the parser
+    raise ``ValueError`` starting with ``name`` (the flag or argument) and the
+    file, or with the file alone when ``name`` is None.
+    """
+    path = Path(path)
+    where = f"{name}: {path}" if name else str(path)
+    if path.is_dir():
+        raise ValueError(f"{where}: is a folder; expected a JSON file")
+    if not path.exists():
+        raise ValueError(f"{where}: file not found")
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{where}: larger than {max_bytes >> 20} MiB; not a JSON file minrr reads")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply") from None
+
+
+def json_fingerprint(document: dict) -> str:
+    """SHA-256 of a JSON document's canonical text (sorted keys, no spaces), its ``fingerprint`` key left out.
+
+    A file that stores it (``{..., "fingerprint": json_fingerprint(doc)}``) is refused as a
+    whole after any edit by :func:`check_json_fingerprint`: it guards against hand edits and
+    damage, not against someone who recomputes it.
+    """
+    body = {key: value for key, value in document.items() if key != "fingerprint"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_json_fingerprint(document: dict, *, name: str) -> None:
+    """Refuse a document whose ``fingerprint`` is missing or does not match its content."""
+    if document.get("fingerprint") != json_fingerprint(document):
+        what = "has no fingerprint" if "fingerprint" not in document else "does not match its fingerprint"
+        raise ValueError(f"{name}: the file {what}; it was edited or damaged since minrr wrote it (write it again)")
+
+
+def _temporary_beside(path: Path) -> Path:
+    """Create an empty hidden file beside ``path``, with the permissions of the user's umask.
+
+    ``tempfile.mkstemp`` would make it 0600; ``os.open(..., 0o666)`` lets the
+    umask decide, as for any file the user creates. The suffix of ``path`` is
+    kept, so writers that pick a format from it (matplotlib) still do.
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths):
+    """Yield temporary paths beside ``paths``; rename them all onto ``paths`` on success.
+
+    All or nothing: if the block raises, every temporary file is removed and
+    no path is touched; if a rename fails (rare: the checks come first), the
+    outputs already renamed by this call are removed too. Files get the
+    permissions of the user's umask.
+
+    Example::
+
+        with atomic_paths("results.tsv", "summary.json") as (tsv, summary):
+            tsv.write_text(...)
+            summary.write_text(...)
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.resolve().parent.is_dir():
+            raise ValueError(f"{path}: the folder {path.parent} does not exist")
+    temporaries: list[Path] = []
+    try:
+        for path in paths:
+            temporaries.append(_temporary_beside(path))
+        yield temporaries
+        renamed = []
+        try:
+            for tmp, path in zip(temporaries, paths):
+                os.replace(tmp, path)
+                renamed.append(path)
+        except BaseException:
+            for path in renamed:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+    finally:
+        for tmp in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     If the block raises, the temporary file is removed and ``path`` is left
-    untouched, so a failed run never leaves a partial result behind.
+    untouched, so a failed run never leaves a partial result behind. The file
+    gets the permissions of the user's umask. See :func:`atomic_paths`.
     """
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise ValueError(f"{path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_paths(path) as (tmp,):
+        yield tmp

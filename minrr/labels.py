@@ -16,7 +16,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["check_labels", "check_label_pair", "label_keys", "same_label", "relevance"]
+__all__ = ["check_labels", "check_label_pair", "label_keys", "same_label", "relevance", "non_relevant_counts",
+           "check_top_k"]
 
 
 def check_labels(labels, n: int | None = None, *, name: str) -> np.ndarray:
@@ -79,3 +80,31 @@ def relevance(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarra
     if query_labels.ndim == 1:
         return query_labels[:, None] == gallery_labels[None, :]
     return (query_labels.astype(np.int64) @ gallery_labels.astype(np.int64).T) > 0
+
+
+def non_relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """``(n_queries,)`` int64: how many gallery items are not relevant to each query (checked labels)."""
+    m = len(gallery_labels)
+    if query_labels.ndim == 1:
+        classes, counts = np.unique(gallery_labels, return_counts=True)
+        at = np.minimum(np.searchsorted(classes, query_labels), len(classes) - 1)
+        return m - np.where(classes[at] == query_labels, counts[at], 0)
+    return np.concatenate([m - relevance(query_labels[i:i + chunk], gallery_labels).sum(axis=1)
+                           for i in range(0, len(query_labels), chunk)]).astype(np.int64)
+
+
+def check_top_k(k: int, query_labels: np.ndarray, gallery_labels: np.ndarray) -> int:
+    """Refuse a ``k`` larger than some query's number of non-relevant gallery items.
+
+    Such a query has a relevant item among its k nearest whatever the input, so
+    its Recall@k is 1 at every radius: a certificate of infinite radius that says
+    nothing about the model.
+    """
+    counts = non_relevant_counts(query_labels, gallery_labels)
+    short = np.flatnonzero(counts < k)
+    if short.size:
+        i = int(short[0])
+        raise ValueError(f"k: expected at most {int(counts.min())}, the fewest non-relevant gallery items of a query "
+                         f"(query {i} has {int(counts[i])}, {short.size} queries have fewer than {k}); "
+                         f"Recall@{k} is 1 for them whatever the input")
+    return int(k)

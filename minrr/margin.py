@@ -23,8 +23,12 @@ size. Two reductions share the work:
 The GEMM runs in float32 by default; :func:`margins` also returns
 ``margin_floor``, a value that provably does not exceed the margin computed
 in exact arithmetic, with the rounding of the GEMM (Higham's ``gamma``
-bound) and any per-item gallery error (``gallery_slack``) taken off. Ties
-for ``nearest`` go to the smaller index.
+bound, and underflow) and any per-item gallery error (``gallery_slack``)
+taken off. Embeddings whose largest norm lies outside :data:`SAFE_NORMS` are
+first divided by a power of two (:func:`embedding_scale`), so that float32
+neither underflows nor overflows. Ties for ``nearest`` go to the smaller
+index. The blocked loading, the state and the rounding allowances are shared
+with :mod:`minrr.halfspace`.
 """
 
 from __future__ import annotations
@@ -72,18 +76,45 @@ def _insert(values, value):
     values[pos] = value
 
 
+@numba.njit(inline="always", cache=True)
+def fold_distance(r, j, s, relevant, with_slack, slack_j, e_sq, same_sq, same_idx, other_sq, other_idx,
+                  same_hi, other_lo):
+    """Fold the squared distance ``s`` of query row ``r`` to gallery item ``j`` into the running state.
+
+    ``same_sq``/``same_idx`` hold the nearest relevant item, ``other_sq``
+    the k smallest non-relevant ``s`` and ``other_idx`` the index of the
+    nearest one. With ``with_slack``, the slack-adjusted distances
+    ``sqrt(s + E) + slack_j`` (relevant, minimum in ``same_hi``) and
+    ``sqrt(max(0, s - E)) - slack_j`` (non-relevant, k smallest in
+    ``other_lo``) are tracked too, ``E`` (``e_sq``) being the rounding
+    allowance of ``s``. Shared with :mod:`minrr.halfspace`.
+    """
+    k = other_sq.shape[1]
+    if relevant:
+        if s < same_sq[r]:
+            same_sq[r] = s
+            same_idx[r] = j
+        if with_slack:
+            same_hi[r] = min(same_hi[r], np.sqrt(max(s + e_sq, 0.0)) + slack_j)
+    else:
+        if s < other_sq[r, 0]:
+            other_idx[r] = j
+        if s < other_sq[r, k - 1]:
+            _insert(other_sq[r], s)
+        if with_slack:
+            lo = np.sqrt(max(s - e_sq, 0.0)) - slack_j
+            if lo < other_lo[r, k - 1]:
+                _insert(other_lo[r], lo)
+
+
 @numba.njit(parallel=True, cache=True)
 def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exclude_self,
                   slack, allowance, same_sq, same_idx, other_sq, other_idx, same_hi, other_lo):
     """Fold one ``(bq, mc)`` block of dot products into the running per-query state.
 
     Squared distances ``s = |q|^2 + |e|^2 - 2 q.e`` are reduced in squared
-    form: ``same_sq``/``same_idx`` hold the nearest same-label item,
-    ``other_sq`` the k smallest other-label ``s`` and ``other_idx`` the index
-    of the nearest one. When ``slack`` is non-empty, the slack-adjusted
-    distances ``sqrt(s + E) + slack`` (same label, minimum in ``same_hi``)
-    and ``sqrt(max(0, s - E)) - slack`` (other label, k smallest in
-    ``other_lo``) are tracked too, ``E`` being the query's ``allowance``.
+    form by :func:`fold_distance`; ``allowance`` is each query's rounding
+    allowance ``E`` of ``s``.
     """
     bq, mc = dots.shape
     k = other_sq.shape[1]
@@ -91,7 +122,6 @@ def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exc
     for r in numba.prange(bq):
         i = q_start + r
         qs = q_sq[r]
-        e_sq = allowance[r]
         for c in range(mc):
             s = qs + g_sq[c] - 2.0 * dots[r, c]
             if not with_slack and s >= same_sq[r] and s >= other_sq[r, k - 1]:
@@ -99,21 +129,9 @@ def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exc
             j = g_start + c
             if exclude_self and i == j:
                 continue
-            if same_label(q_keys[r], g_keys[c], multi):
-                if s < same_sq[r]:
-                    same_sq[r] = s
-                    same_idx[r] = j
-                if with_slack:
-                    same_hi[r] = min(same_hi[r], np.sqrt(max(s + e_sq, 0.0)) + slack[c])
-            else:
-                if s < other_sq[r, 0]:
-                    other_idx[r] = j
-                if s < other_sq[r, k - 1]:
-                    _insert(other_sq[r], s)
-                if with_slack:
-                    lo = np.sqrt(max(s - e_sq, 0.0)) - slack[c]
-                    if lo < other_lo[r, k - 1]:
-                        _insert(other_lo[r], lo)
+            fold_distance(r, j, s, same_label(q_keys[r], g_keys[c], multi), with_slack,
+                          slack[c] if with_slack else 0.0, allowance[r], same_sq, same_idx, other_sq, other_idx,
+                          same_hi, other_lo)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -156,14 +174,67 @@ def _check_embeddings(x, name):
     return arr
 
 
-def _gamma(terms: int, dtype) -> float:
+def gamma(terms: int, dtype) -> float:
     """Higham's gamma_n = n u / (1 - n u): relative error bound of an n-term dot product."""
     unit = np.finfo(dtype).eps / 2.0
     return terms * unit / (1.0 - terms * unit)
 
 
-class _BlockState:
-    """Running per-query state of one query block (see :func:`_reduce_chunk`)."""
+def underflow_allowance(terms: int, dtype, x_norm, y_norm):
+    """Absolute error an n-term dot product can add by underflow (or flush-to-zero) of its terms.
+
+    Each term below the smallest normal number ``tiny`` can be lost, costing
+    at most ``tiny (1 + |x_i| + |y_i|)``; Higham's relative bound does not
+    cover it. Negligible once the data are scaled by :func:`embedding_scale`.
+    """
+    return terms * np.finfo(dtype).tiny * (1.0 + x_norm + y_norm)
+
+
+SAFE_NORMS = (2.0 ** -16, 2.0 ** 16)
+"""Largest norms inside this range need no rescaling before a float32 GEMM."""
+
+
+def max_norm(x, chunk: int = GALLERY_CHUNK) -> float:
+    """Largest row norm of ``(n, dim)`` embeddings, in float64, read in chunks."""
+    top = 0.0
+    for start in range(0, len(x), chunk):
+        block = np.asarray(x[start:start + chunk], dtype=np.float64)
+        top = max(top, float(np.sqrt(np.einsum("ij,ij->i", block, block).max())))
+    return top
+
+
+def embedding_scale(*norms) -> float:
+    """A power of two ``s`` to divide the embeddings by, so that float32 neither under- nor overflows.
+
+    Margins and certificates are scale-equivariant and dividing by a power of
+    two is exact, so results computed on ``x / s`` are multiplied back by
+    ``s``. ``s = 1`` when the largest norm lies in :data:`SAFE_NORMS`.
+    """
+    top = max(norms)
+    if top == 0.0 or SAFE_NORMS[0] <= top <= SAFE_NORMS[1]:
+        return 1.0
+    return float(2.0 ** np.round(np.log2(top)))
+
+
+def load_rows(x, rows, dtype, scale: float) -> np.ndarray:
+    """``x[rows] / scale`` in ``dtype`` (``rows`` a slice or an index array; ``x`` may be a memory map)."""
+    block = np.asarray(x[rows])
+    if scale != 1.0:
+        block = block.astype(np.float64) / scale
+    return np.asarray(block, dtype=dtype)
+
+
+def squared_norms(x, dtype, scale: float, chunk: int = GALLERY_CHUNK) -> np.ndarray:
+    """(n,) float64 squared norms of ``x / scale`` as the GEMM sees it (cast to ``dtype``)."""
+    out = np.empty(len(x))
+    for start in range(0, len(x), chunk):
+        block = load_rows(x, slice(start, start + chunk), dtype, scale).astype(np.float64)
+        out[start:start + len(block)] = np.einsum("ij,ij->i", block, block)
+    return out
+
+
+class BlockState:
+    """Running per-query state of one query block (see :func:`fold_distance`)."""
 
     def __init__(self, bq: int, k: int):
         self.same_sq = np.full(bq, np.inf)
@@ -173,13 +244,36 @@ class _BlockState:
         self.same_hi = np.full(bq, np.inf)
         self.other_lo = np.full((bq, k), np.inf)
 
+    def finish(self, allowance, cast_error, with_slack: bool):
+        """``(margin, margin_floor, nearest)`` of the block once every gallery chunk is folded in.
 
-def _general_pass(q_block, q_sq, q_keys, q_start, gallery, g_sq, g_keys, multi, exclude_self, slack,
+        ``allowance`` (bq,) bounds the rounding of each squared distance and
+        ``cast_error`` (bq,) that of each distance from casting the inputs.
+        """
+        k = self.other_sq.shape[1]
+        kth_sq = self.other_sq[:, k - 1]
+        with np.errstate(invalid="ignore"):
+            margin = np.sqrt(np.maximum(kth_sq, 0.0)) - np.sqrt(np.maximum(self.same_sq, 0.0))
+            if with_slack:
+                floor = (self.other_lo[:, k - 1] - cast_error) - (self.same_hi + cast_error)
+            else:
+                other_d = np.sqrt(np.maximum(kth_sq - allowance, 0.0)) - cast_error
+                same_d = np.sqrt(np.maximum(self.same_sq, 0.0) + allowance) + cast_error
+                floor = other_d - same_d
+        no_same = np.isinf(self.same_sq)  # Recall@k is 0 whatever the perturbation
+        margin[no_same] = -np.inf
+        floor[no_same] = -np.inf
+        first_other = self.other_sq[:, 0]
+        same_first = (self.same_sq < first_other) | ((self.same_sq == first_other) & (self.same_idx < self.other_idx))
+        return margin, floor, np.where(same_first, self.same_idx, self.other_idx)
+
+
+def _general_pass(q_block, q_sq, q_keys, q_start, gallery, scale, g_sq, g_keys, multi, exclude_self, slack,
                   allowance, state, chunk, buffer):
     """Entry-by-entry reduction over the gallery in index order (any labels, k, slack)."""
     bq = len(q_block)
     for g_start in range(0, len(g_sq), chunk):
-        g_chunk = np.asarray(gallery[g_start:g_start + chunk], dtype=q_block.dtype)
+        g_chunk = load_rows(gallery, slice(g_start, g_start + chunk), q_block.dtype, scale)
         mc = len(g_chunk)
         dots = buffer[:bq * mc].reshape(bq, mc)
         np.matmul(q_block, g_chunk.T, out=dots)
@@ -189,7 +283,7 @@ def _general_pass(q_block, q_sq, q_keys, q_start, gallery, g_sq, g_keys, multi, 
                       state.same_hi, state.other_lo)
 
 
-def _grouped_pass(q_block, q_sq, q_labels, q_start, gallery, g_sq, members, member_labels, exclude_self,
+def _grouped_pass(q_block, q_sq, q_labels, q_start, gallery, scale, g_sq, members, member_labels, exclude_self,
                   state, chunk, buffer):
     """Nearest same- and other-label items for k = 1 and single labels.
 
@@ -209,7 +303,7 @@ def _grouped_pass(q_block, q_sq, q_labels, q_start, gallery, g_sq, members, memb
     rows = np.arange(bq)
     for g_start in range(0, len(g_sq), chunk):
         mc = min(chunk, len(g_sq) - g_start)
-        g_chunk[:mc, :dim] = gallery[g_start:g_start + mc]
+        g_chunk[:mc, :dim] = load_rows(gallery, slice(g_start, g_start + mc), q_block.dtype, scale)
         g_chunk[:mc, dim] = g_sq[g_start:g_start + mc]
         scores = buffer[:bq * mc].reshape(bq, mc)
         np.matmul(augmented, g_chunk[:mc].T, out=scores)  # q.e - |e|^2 / 2
@@ -239,31 +333,18 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
     query_block, gallery_chunk : block sizes; peak memory is about
         ``query_block * gallery_chunk`` GEMM outputs plus O(N + M) per-item state.
     """
-    queries = _check_embeddings(queries, "queries")
-    gallery = _check_embeddings(gallery, "gallery")
+    queries, gallery, q_labels, g_labels, dtype = check_inputs(queries, gallery, query_labels, gallery_labels,
+                                                               k=k, exclude_self=exclude_self, precision=precision)
     n, dim = queries.shape
     m = gallery.shape[0]
-    if gallery.shape[1] != dim:
-        raise ValueError(f"gallery: dimension {gallery.shape[1]} does not match the queries' {dim}")
-    q_labels = check_labels(query_labels, n, name="query labels")
-    g_labels = check_labels(gallery_labels, m, name="gallery labels")
-    check_label_pair(q_labels, g_labels, names=("query labels", "gallery labels"))
-    if int(k) != k or k < 1:
-        raise ValueError(f"k: expected a whole number >= 1, got {k}")
-    if exclude_self and n != m:
-        raise ValueError(f"exclude_self: the queries ({n}) must be the gallery ({m})")
-    if precision not in ("float32", "float64"):
-        raise ValueError(f"precision: expected 'float32' or 'float64', got {precision!r}")
-    dtype = np.dtype(precision)
     with_slack = gallery_slack is not None
     slack = np.zeros(0) if not with_slack else np.asarray(gallery_slack, dtype=np.float64)
     if with_slack and (slack.shape != (m,) or np.any(~(slack >= 0))):
         raise ValueError(f"gallery_slack: expected ({m},) non-negative numbers")
 
-    g_sq = np.empty(m)  # squared norms of the gallery as the GEMM sees it (cast to dtype)
-    for start in range(0, m, gallery_chunk):
-        chunk = np.asarray(gallery[start:start + gallery_chunk], dtype=dtype).astype(np.float64)
-        g_sq[start:start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
+    scale = embedding_scale(max_norm(queries), max_norm(gallery, gallery_chunk))
+    slack = slack / scale
+    g_sq = squared_norms(gallery, dtype, scale, gallery_chunk)
     g_norm_max = float(np.sqrt(g_sq.max()))
     grouped = q_labels.ndim == 1 and not with_slack and k == 1
     if grouped:
@@ -279,36 +360,54 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
     buffer = np.empty(min(query_block, n) * min(gallery_chunk, m), dtype=dtype)
     for q_start in range(0, n, query_block):
         block = slice(q_start, q_start + query_block)
-        q_block = np.asarray(queries[block], dtype=dtype)
+        q_block = load_rows(queries, block, dtype, scale)
         bq = len(q_block)
         q_sq = np.einsum("ij,ij->i", q_block.astype(np.float64), q_block.astype(np.float64))
         q_norm = np.sqrt(q_sq)
-        state = _BlockState(bq, k)
-        # |s' - s| <= allowance: the GEMM's rounding, plus float64 rounding of the sum.
+        state = BlockState(bq, k)
+        terms = dim + 1 if grouped else dim  # the grouped GEMM carries |e|^2 / 2 as one more term
+        allowance = distance_allowance(terms, dtype, q_norm, g_norm_max, grouped)
         if grouped:
-            allowance = 2.0 * _gamma(dim + 1, dtype) * (q_norm * g_norm_max + g_norm_max ** 2)
-            _grouped_pass(q_block, q_sq, q_labels[block], q_start, gallery, g_sq, members, member_labels,
+            _grouped_pass(q_block, q_sq, q_labels[block], q_start, gallery, scale, g_sq, members, member_labels,
                           exclude_self, state, gallery_chunk, buffer)
         else:
-            allowance = 2.0 * _gamma(dim, dtype) * q_norm * g_norm_max
-            _general_pass(q_block, q_sq, q_keys[block], q_start, gallery, g_sq, g_keys, multi, exclude_self,
+            _general_pass(q_block, q_sq, q_keys[block], q_start, gallery, scale, g_sq, g_keys, multi, exclude_self,
                           slack, allowance, state, gallery_chunk, buffer)
-        allowance += 4e-16 * (q_norm + g_norm_max) ** 2
-        # Casting the inputs to float32 moves each distance by at most u (|q| + |e|).
-        cast_error = np.finfo(dtype).eps / 2.0 * (q_norm + g_norm_max) if dtype == np.float32 else 0.0
-        kth_sq = state.other_sq[:, k - 1]
-        with np.errstate(invalid="ignore"):
-            margin[block] = np.sqrt(np.maximum(kth_sq, 0.0)) - np.sqrt(np.maximum(state.same_sq, 0.0))
-            if with_slack:
-                floor[block] = (state.other_lo[:, k - 1] - cast_error) - (state.same_hi + cast_error)
-            else:
-                other_d = np.sqrt(np.maximum(kth_sq - allowance, 0.0)) - cast_error
-                same_d = np.sqrt(np.maximum(state.same_sq, 0.0) + allowance) + cast_error
-                floor[block] = other_d - same_d
-        no_same = np.isinf(state.same_sq)  # Recall@k is 0 whatever the perturbation
-        margin[block][no_same] = -np.inf
-        floor[block][no_same] = -np.inf
-        first_other = state.other_sq[:, 0]
-        same_first = (state.same_sq < first_other) | ((state.same_sq == first_other) & (state.same_idx < state.other_idx))
-        nearest[block] = np.where(same_first, state.same_idx, state.other_idx)
-    return Margins(margin=margin, margin_floor=floor, nearest=nearest)
+        margin[block], floor[block], nearest[block] = state.finish(allowance, cast_error(dtype, q_norm, g_norm_max),
+                                                                   with_slack)
+    return Margins(margin=margin * scale, margin_floor=floor * scale, nearest=nearest)
+
+
+def distance_allowance(terms: int, dtype, q_norm, g_norm_max: float, grouped: bool = False):
+    """(bq,) bound on the rounding of ``s = |q|^2 + |e|^2 - 2 q.e`` computed from a ``dtype`` GEMM.
+
+    The GEMM's rounding (Higham), underflow, and the float64 rounding of the squared norms and the sum.
+    """
+    product = q_norm * g_norm_max + (g_norm_max ** 2 if grouped else 0.0)
+    return (2.0 * gamma(terms, dtype) * product + 2.0 * underflow_allowance(terms, dtype, q_norm, g_norm_max)
+            + gamma(terms, np.float64) * (q_norm ** 2 + g_norm_max ** 2) + 4e-16 * (q_norm + g_norm_max) ** 2)
+
+
+def cast_error(dtype, q_norm, g_norm_max: float):
+    """Casting both inputs to ``dtype`` moves each distance by at most ``u (|q| + |e|)``."""
+    return np.finfo(dtype).eps / 2.0 * (q_norm + g_norm_max) if dtype == np.float32 else np.zeros_like(q_norm)
+
+
+def check_inputs(queries, gallery, query_labels, gallery_labels, *, k, exclude_self, precision):
+    """Validated ``(queries, gallery, query_labels, gallery_labels, dtype)`` of :func:`margins`."""
+    queries = _check_embeddings(queries, "queries")
+    gallery = _check_embeddings(gallery, "gallery")
+    n, dim = queries.shape
+    m = gallery.shape[0]
+    if gallery.shape[1] != dim:
+        raise ValueError(f"gallery: dimension {gallery.shape[1]} does not match the queries' {dim}")
+    q_labels = check_labels(query_labels, n, name="query labels")
+    g_labels = check_labels(gallery_labels, m, name="gallery labels")
+    check_label_pair(q_labels, g_labels, names=("query labels", "gallery labels"))
+    if int(k) != k or k < 1:
+        raise ValueError(f"k: expected a whole number >= 1, got {k}")
+    if exclude_self and n != m:
+        raise ValueError(f"exclude_self: the queries ({n}) must be the gallery ({m})")
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision: expected 'float32' or 'float64', got {precision!r}")
+    return queries, gallery, q_labels, g_labels, np.dtype(precision)

@@ -40,9 +40,7 @@ clipped: an attack that backfires gives an ARS above 100.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -249,21 +247,18 @@ def parse_attack_record(data) -> AttackRecord:
     return AttackRecord(benign_r1=benign, outcomes=outcomes)
 
 
-def load_attack_record(path) -> AttackRecord:
-    """Read and validate an attack record from a JSON file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+def load_attack_record(path, *, name: str | None = None) -> AttackRecord:
+    """Read and validate an attack record from a JSON file (at most ``minrr.io.MAX_JSON_BYTES``).
+
+    name : the argument or flag the path came from, to start error messages.
+    """
+    from .io import read_json
+
+    data = read_json(path, name=name)
     try:
         return parse_attack_record(data)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    except (ValueError, OverflowError) as exc:  # OverflowError: an integer too large for a float
+        raise ValueError(f"{name + ': ' if name else ''}{path}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from scipy import ndimage
 
 from .io import as_float_array
 
-__all__ = ["mean_blur", "median_filter", "bit_depth", "non_local_means", "image_entropy", "fs_adaptive"]
+__all__ = ["mean_blur", "median_filter", "bit_depth", "non_local_means", "image_entropy", "fs_adaptive",
+           "TRANSFORMS"]
 
 
 def _check_images(x, name: str = "x") -> np.ndarray:
@@ -230,3 +231,8 @@ def fs_adaptive(x, radius: int = 3) -> np.ndarray:
         original = v[smooth]
         quantised[smooth] = np.where(np.abs(block - original) < np.abs(smoothed - original), block, smoothed)
     return (quantised / 255).astype(arr.dtype, copy=False)
+
+
+TRANSFORMS = {"mean-blur": mean_blur, "median": median_filter, "bit-depth": bit_depth,
+              "non-local-means": non_local_means, "fs-adaptive": fs_adaptive}
+"""The transforms by name, each with its defaults (the names of ``minrr.detection_baselines.OUTPUT_TRANSFORMS``)."""

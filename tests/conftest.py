@@ -2,6 +2,7 @@
 
 import os
 
+import minrr  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch or Numba load an OpenMP runtime)
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

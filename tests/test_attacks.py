@@ -230,8 +230,9 @@ def test_pgd_object_raises_the_classifier_loss():
 def test_pgd_object_without_labels_moves_embeddings():
     model = _classifier(3)
     images = torch.rand(16, *SHAPE, generator=torch.Generator().manual_seed(4))
-    adv = PGD(model, eps=0.1, alpha=0.02, steps=5)(images)
-    assert torch.all((model(adv) - model(images)).norm(dim=1) > 0)
+    for random_start in (True, False):  # without a random start, the first step starts where ||h - h0|| = 0
+        adv = PGD(model, eps=0.1, alpha=0.02, steps=5, random_start=random_start)(images)
+        assert torch.all((model(adv) - model(images)).norm(dim=1) > 0.01)
 
 
 def test_pgd_object_equals_torchattacks_without_random_start():

@@ -133,3 +133,60 @@ def test_bound_ordering_and_paper_validity_limit():
     assert bounds.bernstein(n, delta, 1.0, 0.1) < bounds.bernstein(n, delta, 1.0)
     # (32/3) ln(4 (k + 1) / alpha) at k = 128, alpha = 1e-3
     assert bounds.paper_min_samples(1e-3, 128) == int(np.ceil(32 / 3 * np.log(4 * 129 / 1e-3)))
+
+
+def _quadratic_root(n, log_term, f, variance):
+    """The t solving n t^2 = L (2 v + 4 F t / 3), by the quadratic formula (not the code's c + sqrt(c^2 + ...))."""
+    b = 4.0 * f * log_term / 3.0
+    return (b + np.sqrt(b * b + 8.0 * n * variance * log_term)) / (2.0 * n)
+
+
+def test_each_bound_pinned_to_an_independent_value():
+    """n = 500, delta = 0.01, F = 2, dim = 7, v = 0.8; the values were computed from REFERENCE section 1's
+    formulas in a separate script (scipy's brentq for the variance-adaptive v_bar)."""
+    n, delta, f = 500, 0.01, 2.0
+    assert bounds.hoeffding(n, delta, f) == pytest.approx(0.3608883360765961, rel=1e-12)
+    assert bounds.bernstein(n, delta, f, 0.8) == pytest.approx(0.14510304175030786, rel=1e-12)
+    assert bounds.bernstein(n, delta, f) == pytest.approx(0.3056296218892529, rel=1e-12)  # v = F^2
+    assert bounds.matrix_bernstein(n, delta, f, 7, 0.8) == pytest.approx(0.16516371412694633, rel=1e-12)
+    assert bounds.paper_eps(5000, 0.01, f, 7) == pytest.approx(0.13121712155589305, rel=1e-12)
+    # Maurer-Pontil: squared norms with mean 2.5 and variance 0.3 (range F^2 = 4).
+    assert bounds.second_moment_upper(n, delta, f, 2.5, 0.3) == pytest.approx(2.678837072195553, rel=1e-12)
+    # Variance-adaptive, ||g_hat|| = 1.5: with E||h||^2 <= F^2 (v_bar = 2.4143) and with Maurer-Pontil at
+    # delta / 2 (S = min(F^2, 2.697), v_bar = 0.9143, the bound itself at delta / 2).
+    assert bounds.empirical_bernstein(n, delta, f, [1.5], second_moment=4.0)[0] == pytest.approx(
+        0.2407729153178224, rel=1e-9)
+    assert bounds.empirical_bernstein(n, delta, f, [1.5], sq_norm_mean=[2.5], sq_norm_var=[0.3])[0] == pytest.approx(
+        0.16486078364369117, rel=1e-9)
+    for log_term, v in ((np.log(2 / delta), 0.8), (np.log(8 / delta), 0.8), (np.log(2 / delta), 4.0)):
+        assert bounds._bernstein_eps(n, log_term, f, v) == pytest.approx(_quadratic_root(n, log_term, f, v), rel=1e-12)
+
+
+def test_constant_norm_draws_bound_the_second_moment_by_f_squared():
+    """Issue 14, fix 4: draws that all have norm 0.5 under F = 1 say nothing about E||h||^2 beyond F^2.
+
+    +-0.5 e1 in equal numbers: g_hat = 0, so v_bar = F^2 and eps is Bernstein's worst case (the old code
+    took 0.25, the largest squared norm seen).
+    """
+    x = np.zeros((2, 50, 3))
+    x[:, :, 0] = 0.5 * np.repeat([1.0, -1.0], 25)
+    est = from_samples(x)
+    assert np.all(est.constant_norm())
+    want = _quadratic_root(50, np.log(2 / 0.01), 1.0, 1.0)
+    np.testing.assert_allclose(error_bound(est, "empirical-bernstein", 0.01, 1.0), want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("case", [_two_point, _nearly_constant], ids=["two_point", "nearly_constant"])
+@pytest.mark.parametrize("bound", ["empirical-bernstein", "bernstein"])
+def test_coverage_at_small_delta_sees_a_factor_two(case, bound):
+    """At delta = 0.01 with 6,000 trials the check holds, and half the bound fails it (two-point case)."""
+    trials, delta = 6000, 0.01
+    rng = np.random.default_rng(zlib.crc32(f"{case.__name__}{bound}small".encode()))
+    x, mean = case(rng, trials, N, 4)
+    est = from_samples(x)
+    eps = error_bound(est, bound, delta, F)
+    err = np.linalg.norm(est.mean - mean, axis=1)
+    allowance = binom.ppf(1 - 1e-6, trials, delta)
+    assert np.sum(err > eps) <= allowance
+    if case is _two_point:
+        assert np.sum(err > eps / 2) > allowance

@@ -190,8 +190,8 @@ def test_bad_score_inputs(files, tmp_path, capsys):
     np.save(tmp_path / "adv5.npy", np.zeros(5, int))
     np.save(tmp_path / "adv2.npy", np.full(200, 2))
     cases = {
-        "missing detector": ({"--detector": tmp_path / "none.json"}, [], "--detector: cannot read"),
-        "broken detector": ({"--detector": tmp_path / "broken.json"}, [], "--detector: Expecting"),
+        "missing detector": ({"--detector": tmp_path / "none.json"}, [], "--detector: .*none.json: file not found"),
+        "broken detector": ({"--detector": tmp_path / "broken.json"}, [], "--detector: .*broken.json: not valid JSON"),
         "edited detector": ({"--detector": tmp_path / "edited.json"}, [], "--detector: the stored thresholds"),
         "other database": ({}, ["--database", tmp_path / "other.npy"], "--database: .* is not the database"),
         "packed again": ({}, ["--packed"], "--packed: the detector records the layout"),

@@ -8,7 +8,7 @@ import pytest
 
 from minrr import hamming
 from minrr.cli.main import main
-from minrr.metrics.hashing import mean_average_precision
+from minrr.metrics.hashing import map_at_k
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ def test_search_writes_distances_and_indices_and_reports_map(files, tmp_path, ca
     printed = capsys.readouterr().out
     reported = [float(v) for v in re.findall(r"mAP@25 = ([0-9.]+)", printed)]
     labels = np.load(files["ql"]), np.load(files["dl"])
-    assert reported[0] == pytest.approx(mean_average_precision(indices, *labels), abs=5e-5)
-    assert reported[1] == pytest.approx(mean_average_precision(indices, *labels, variant="dhta"), abs=5e-5)
+    assert reported[0] == pytest.approx(map_at_k(indices, *labels), abs=5e-5)
+    assert reported[1] == pytest.approx(map_at_k(indices, *labels, variant="dhta"), abs=5e-5)
     assert reported[0] > 0.9  # noisy class centres: the top 25 are mostly the query's class
 
 
@@ -87,8 +87,8 @@ def _bad_cases(tmp_path, files):
         "mixed code lengths": ({"--queries": tmp_path / "short.npy"}, [], "--queries: codes of 39 bits"),
         "values outside the alphabet": ({"--queries": tmp_path / "twos.npy"}, [], "--queries: code values"),
         "bad value in the last row": ({"--database": tmp_path / "late.npy"}, [], "--database: code values .* row 299"),
-        "k above N": ({"--k": 301}, [], "--k: expected 1 <= k <= 300"),
-        "k below 1": ({"--k": 0}, [], "--k: expected 1 <= k <= 300"),
+        "k above N": ({"--k": 301}, [], "--top-k: expected 1 <= k <= 300"),
+        "k below 1": ({"--top-k": 0}, [], "--top-k: expected 1 <= k <= 300"),
         "label count mismatch": ({**labels, "--labels": tmp_path / "ql5.npy"}, [], "--labels: 5 labels for 12"),
         "labels alone": ({"--labels": files["ql"]}, [], "--labels: --labels and --database-labels go together"),
         "missing file": ({"--database": tmp_path / "none.npy"}, [], "--database: file not found"),
@@ -121,7 +121,7 @@ def test_usage_errors_exit_2(files):
 
 def test_library_search_agrees_with_cli(files, tmp_path):
     assert _search(files, tmp_path / "r.npz") == 0
-    distances, indices = hamming.search(np.load(files["db"]), np.load(files["q"]), 25)
+    distances, indices = hamming.search(np.load(files["q"]), np.load(files["db"]), 25)
     with np.load(tmp_path / "r.npz") as result:
         np.testing.assert_array_equal(result["distances"], distances)
         np.testing.assert_array_equal(result["indices"], indices)

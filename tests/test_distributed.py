@@ -76,3 +76,32 @@ def test_a_killed_worker_loses_no_chunk(client):
     assert results == [x * x for x in range(16)]
     client.wait_for_workers(2, timeout=30)
     assert set(client.run(os.getpid).values()) != set(pids.values())  # the nanny started a new one
+
+
+def test_minrr_search_over_a_folder_of_shards(tmp_path, capsys):
+    from minrr.cli.main import main
+
+    rng = np.random.default_rng(2)
+    database = np.where(rng.random((300, 24)) < 0.5, -1, 1).astype(np.int8)
+    queries = database[:12] * np.where(rng.random((12, 24)) < 0.15, -1, 1).astype(np.int8)
+    labels, database_labels = rng.integers(0, 3, 12), rng.integers(0, 3, 300)
+    folder = tmp_path / "db"
+    folder.mkdir()
+    for s, (a, b) in enumerate([(0, 100), (100, 250), (250, 300)]):
+        np.save(folder / f"shard-{s:05d}.npy", database[a:b])
+    for name, arr in (("db.npy", database), ("q.npy", queries), ("y.npy", labels), ("dy.npy", database_labels)):
+        np.save(tmp_path / name, arr)
+    common = ["--queries", str(tmp_path / "q.npy"), "--top-k", "30", "--labels", str(tmp_path / "y.npy"),
+              "--database-labels", str(tmp_path / "dy.npy")]
+    assert main(["search", "--database", str(tmp_path / "db.npy"), *common, "--out", str(tmp_path / "one.npz")]) == 0
+    reference = capsys.readouterr().out.splitlines()
+    for extra, out in (([], "local.npz"), (["--workers", "2"], "dask.npz")):
+        assert main(["search", "--database", str(folder), *common, "--out", str(tmp_path / out), *extra]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert [line for line in printed if "mAP" in line] == [line for line in reference if "mAP" in line]
+        with np.load(tmp_path / out) as got, np.load(tmp_path / "one.npz") as want:
+            for key in ("distances", "indices"):
+                np.testing.assert_array_equal(got[key], want[key])
+    np.save(folder / "shard-00003.npy", np.ones((0, 24), np.int8))
+    assert main(["search", "--database", str(folder), *common]) == 1
+    assert "--database: shard shard-00003.npy holds shape (0, 24)" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def test_hamming_distances_match_bitwise_count(n_bits, n, n_queries, pool, seed)
     database = _codes(rng, n, n_bits, pool)
     queries = np.concatenate([database[:1], _codes(rng, n_queries, n_bits)])
     expected = _oracle_distances(database, queries)
-    np.testing.assert_array_equal(hamming.hamming_distances(database, queries), expected)
+    np.testing.assert_array_equal(hamming.hamming_distances(queries, database), expected)
     # +-1 codes: distance = (K - <b1, b2>) / 2.
     inner = queries.astype(np.int64) @ database.astype(np.int64).T
     np.testing.assert_array_equal(expected, (n_bits - inner) // 2)
@@ -100,7 +100,7 @@ def test_search_matches_lexsort_oracle(n_bits, n, n_queries, pool, k_fraction, s
     queries = _codes(rng, n_queries, n_bits)
     k = max(1, round(k_fraction * n))
     expected_dist, expected_index = _oracle_top_k(_oracle_distances(database, queries), k)
-    dist, index = hamming.search(database, queries, k)
+    dist, index = hamming.search(queries, database, k)
     assert dist.dtype == np.int32 and index.dtype == np.int64
     np.testing.assert_array_equal(dist, expected_dist)
     np.testing.assert_array_equal(index, expected_index)
@@ -117,8 +117,8 @@ def test_search_across_blocks_shards_and_batches(n_bits, n, n_queries, pool, k, 
     k = min(k, n)
     distances = _oracle_distances(database, queries)
     with small_blocks(), tight_buffers():
-        found = hamming.search(database, queries, k)
-        all_distances = hamming.hamming_distances(database, queries)
+        found = hamming.search(queries, database, k)
+        all_distances = hamming.hamming_distances(queries, database)
     for got, want in zip(found, _oracle_top_k(distances, k)):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(all_distances, distances)
@@ -133,8 +133,8 @@ def test_search_small_k_cuts_the_buffers_often(n_bits, n, n_queries, k, pool, se
     database = _codes(rng, n, n_bits, pool)
     queries = _codes(rng, n_queries, n_bits)
     with tight_buffers():
-        found = hamming.search(database, queries, k)
-    found_default = hamming.search(database, queries, k)
+        found = hamming.search(queries, database, k)
+    found_default = hamming.search(queries, database, k)
     for got, got_default, want in zip(found, found_default, _oracle_top_k(_oracle_distances(database, queries), k)):
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(got_default, want)
@@ -147,7 +147,7 @@ def test_rank_is_full_stable_ranking(n_bits, n, pool, seed):
     database = _codes(rng, n, n_bits, pool)
     queries = _codes(rng, 3, n_bits)
     distances = _oracle_distances(database, queries)
-    dist, index = hamming.rank(database, queries)
+    dist, index = hamming.rank(queries, database)
     assert index.shape == (3, n)
     np.testing.assert_array_equal(np.sort(index, axis=1), np.broadcast_to(np.arange(n), (3, n)))
     np.testing.assert_array_equal(index, np.argsort(distances, axis=1, kind="stable"))
@@ -162,9 +162,9 @@ def test_packed_layouts_give_the_same_search(n_bits, n, k, seed):
     database = _codes(rng, n, n_bits, pool=20, alphabet="01")
     queries = _codes(rng, 4, n_bits, alphabet="bool")
     k = min(k, n)
-    expected = hamming.search(database, queries, k)
-    as_bytes = (np.packbits(database > 0, axis=1), np.packbits(queries, axis=1))
-    as_words = (hamming.pack(database), hamming.pack(queries))
+    expected = hamming.search(queries, database, k)
+    as_bytes = (np.packbits(queries, axis=1), np.packbits(database > 0, axis=1))
+    as_words = (hamming.pack(queries), hamming.pack(database))
     for layout in (as_bytes, as_words):
         for got, want in zip(hamming.search(*layout, k, packed=True), expected):
             np.testing.assert_array_equal(got, want)
@@ -177,7 +177,7 @@ def test_memory_mapped_database(tmp_path):
     np.save(tmp_path / "db.npy", database)
     mapped = np.load(tmp_path / "db.npy", mmap_mode="r")
     with small_blocks():
-        found = hamming.search(mapped, queries, 25)
+        found = hamming.search(queries, mapped, 25)
     for got, want in zip(found, _oracle_top_k(_oracle_distances(database, queries), 25)):
         np.testing.assert_array_equal(got, want)
 
@@ -209,7 +209,7 @@ def test_alphabets_mixed_across_blocks_are_refused():
     database[10, 3] = -1
     database[500, 7] = 0  # a later block: the mixture is only visible across blocks
     with small_blocks(), pytest.raises(ValueError, match="database: codes mix the -1/1 and 0/1 alphabets"):
-        hamming.search(database, database[:1], 5)
+        hamming.search(database[:1], database, 5)
 
 
 def test_word_helpers_check_their_arguments():

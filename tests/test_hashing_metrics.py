@@ -51,9 +51,9 @@ def test_average_precision_and_map_match_the_definition(seed, n, n_queries, k_fr
     np.testing.assert_allclose(ap, [a for a, _ in brute], rtol=1e-12)
     np.testing.assert_array_equal(n_relevant, [r for _, r in brute])
 
-    deephash = hashing.mean_average_precision(retrieved, query_labels, database_labels)
+    deephash = hashing.map_at_k(retrieved, query_labels, database_labels)
     assert deephash == pytest.approx(np.mean([a for a, _ in brute]), rel=1e-12)
-    dhta = hashing.mean_average_precision(retrieved, query_labels, database_labels, variant="dhta")
+    dhta = hashing.map_at_k(retrieved, query_labels, database_labels, variant="dhta")
     found = [a for a, r in brute if r > 0]
     if found:
         assert dhta == pytest.approx(np.mean(found), rel=1e-12)
@@ -112,8 +112,8 @@ def test_hamming_map_matches_argsort_implementation(seed, n, n_bits, k, multi):
     packed = (np.packbits(database > 0, axis=1), np.packbits(queries > 0, axis=1))
     got = hashing.hamming_map(*packed, database_labels, query_labels, k, packed=True)
     assert got == pytest.approx(expected)
-    _, retrieved = hamming.search(database, queries, k or n)
-    assert hashing.mean_average_precision(retrieved, query_labels, database_labels) == pytest.approx(expected)
+    _, retrieved = hamming.search(queries, database, k or n)
+    assert hashing.map_at_k(retrieved, query_labels, database_labels) == pytest.approx(expected)
 
 
 def test_hand_computed_example():
@@ -124,8 +124,8 @@ def test_hand_computed_example():
     ap, n_relevant = hashing.average_precision(retrieved, query_labels, database_labels)
     np.testing.assert_allclose(ap, [(1 + 2 / 3) / 2, 0.0])
     np.testing.assert_array_equal(n_relevant, [2, 0])
-    assert hashing.mean_average_precision(retrieved, query_labels, database_labels) == pytest.approx(5 / 12)
-    assert hashing.mean_average_precision(retrieved, query_labels, database_labels,
+    assert hashing.map_at_k(retrieved, query_labels, database_labels) == pytest.approx(5 / 12)
+    assert hashing.map_at_k(retrieved, query_labels, database_labels,
                                           variant="dhta") == pytest.approx(5 / 6)
     precision, recall = hashing.precision_recall_curve(retrieved, query_labels, database_labels)
     np.testing.assert_allclose(precision, [0.5, 0.25, 2 / 6, 0.25])
@@ -143,7 +143,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="retrieved: expected integer database indices"):
         hashing.average_precision(retrieved.astype(float), [0], [0, 1])
     with pytest.raises(ValueError, match="variant: expected one of deephash, dhta"):
-        hashing.mean_average_precision(retrieved, [0], [0, 1], variant="csq")
+        hashing.map_at_k(retrieved, [0], [0, 1], variant="csq")
     with pytest.raises(ValueError, match="database_labels: 3 labels for 2 items"):
         hashing.hamming_map(np.ones((2, 8)), np.ones((1, 8)), [0, 1, 2], [0])
     with pytest.raises(ValueError, match="query_codes: codes of 7 bits, but the database codes have 8"):

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minrr.labels import relevance
+from minrr.metrics import retrieval
 from minrr.metrics.clustering import kmeans, kmeans_nmi, normalized_mutual_info
 from minrr.metrics.retrieval import (
     average_precision,
@@ -244,6 +245,131 @@ def test_large_random_problem_is_block_invariant():
         ap_b, ap_r_b = average_precision(emb, labels, block_bytes=block_bytes)
         np.testing.assert_array_equal(ap_b, ap)
         np.testing.assert_array_equal(ap_r_b, ap_r)
+
+
+# ---------------------------------------------------------------- near-ties of the float32 GEMM
+
+
+@st.composite
+def near_tie_problems(draw):
+    """Problems whose float32 GEMM misorders items: points near a large common offset, so that
+    the rounding of ``|q|^2 + |e|^2 - 2 q.e`` dwarfs the gaps between distances; integer points
+    (exact ties in float64) or float points, duplicates, single- or multi-label, float32 or
+    float64 input, the queries' own gallery or a separate one."""
+    dim = draw(st.integers(1, 6))
+    n = draw(st.integers(1, 30))
+    own_gallery = draw(st.booleans())
+    m = n if own_gallery else draw(st.integers(1, 40))
+    offset = draw(st.sampled_from([0.0, 2.0 ** 10, 2.0 ** 12, 3000.5, -2.0 ** 20]))
+    if draw(st.booleans()):
+        elements = st.integers(-4, 4).map(float)
+    else:
+        elements = st.floats(-2, 2, allow_nan=False, allow_subnormal=False)
+    pool = offset + np.array(draw(st.lists(st.lists(elements, min_size=dim, max_size=dim), min_size=1, max_size=8)))
+    pool = pool.astype(draw(st.sampled_from([np.float32, np.float64])))
+    q = pool[draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))]
+    g = q if own_gallery else pool[draw(st.lists(st.integers(0, len(pool) - 1), min_size=m, max_size=m))]
+    if draw(st.booleans()):
+        y = np.array(draw(st.lists(st.integers(0, 3), min_size=n + m, max_size=n + m)))
+    else:
+        y = np.array(draw(st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=n + m, max_size=n + m)))
+    yq = y[:n]
+    yg = yq if own_gallery else y[n:]
+    exclude = draw(st.sampled_from(["index", "nearest", "none"] if own_gallery else ["nearest", "none"]))
+    block_bytes = draw(st.sampled_from([16, 400, 2**20]))
+    return q, g, yq, yg, own_gallery, exclude, block_bytes
+
+
+@pytest.mark.parametrize("search_above", [0, 1000])  # every query by binary search / by vector passes
+@settings(max_examples=120, deadline=None)
+@given(problem=near_tie_problems())
+def test_near_ties_of_the_gemm_are_settled_exactly(problem, search_above):
+    """Ranks, AP, AP@R and Recall@k equal the float64 oracle (stable sort by distance, then index)
+    when float32 rounding would reorder the items, through either counting path."""
+    q, g, yq, yg, own_gallery, exclude, block_bytes = problem
+    kw = _kwargs(g, yg, own_gallery, exclude, block_bytes)
+    flags = oracle_ranked_relevance(q.astype(np.float64), g.astype(np.float64), yq, yg, exclude)
+    expected = [oracle_metrics(f) for f in flags]
+    want_rank = np.array([e[0] for e in expected])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieval, "_SEARCH_ABOVE", search_above)
+        np.testing.assert_array_equal(first_relevant_rank(q, yq, **kw), want_rank)
+        ap, ap_r = average_precision(q, yq, **kw)
+        np.testing.assert_allclose(ap, [e[1] for e in expected], rtol=1e-12)
+        np.testing.assert_allclose(ap_r, [e[2] for e in expected], rtol=1e-12)
+        if (want_rank > 0).any():
+            want_recall = [np.mean(want_rank[want_rank > 0] <= k) for k in (1, 2, 4)]
+            np.testing.assert_allclose(recall_at_k(q, yq, [1, 2, 4], **kw), want_recall, rtol=1e-12)
+
+
+def test_float32_distances_misorder_these_points_but_the_metrics_do_not():
+    """Integer points at 4096 + small offsets: float32 ``|q|^2 + |e|^2 - 2 q.e`` gets the
+    ranking wrong (the test data is hard), the metrics match the exact oracle."""
+    rng = np.random.default_rng(7)
+    emb = 4096.0 + rng.integers(-3, 4, size=(60, 3)).astype(np.float64)
+    labels = rng.integers(0, 4, 60)
+    e32 = emb.astype(np.float32)
+    sq = (e32 * e32).sum(axis=1)
+    approx = sq[:, None] + sq[None, :] - 2.0 * (e32 @ e32.T)
+    exact = ((emb[:, None, :] - emb[None, :, :]) ** 2).sum(axis=-1)
+    assert any(not np.array_equal(np.argsort(approx[a], kind="stable"), np.argsort(exact[a], kind="stable"))
+               for a in range(60))
+    expected = [oracle_metrics(f) for f in oracle_ranked_relevance(emb, emb, labels, labels, "index")]
+    np.testing.assert_array_equal(first_relevant_rank(emb, labels), [e[0] for e in expected])
+    ap, ap_r = average_precision(emb.astype(np.float32), labels)
+    np.testing.assert_allclose(ap, [e[1] for e in expected], rtol=1e-12)
+    np.testing.assert_allclose(ap_r, [e[2] for e in expected], rtol=1e-12)
+
+
+def test_distances_that_differ_only_by_summation_order():
+    """Gallery items are permutations of one vector: their exact distances to the origin differ
+    in the last bits only, and a vectorised (reordered) sum would pick another nearest item."""
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=32) * 10.0 ** rng.uniform(-3, 3, 32)
+    gallery = np.array([rng.permutation(v) for _ in range(60)])
+    g_labels = rng.integers(0, 2, 60)
+    queries, q_labels = np.zeros((2, 32)), np.array([0, 1])
+    kw = {"gallery": gallery, "gallery_labels": g_labels}
+    for exclude in ("none", "nearest"):
+        flags = oracle_ranked_relevance(queries, gallery, q_labels, g_labels, exclude)
+        expected = [oracle_metrics(f) for f in flags]
+        np.testing.assert_array_equal(first_relevant_rank(queries, q_labels, exclude=exclude, **kw),
+                                      [e[0] for e in expected])
+        np.testing.assert_allclose(average_precision(queries, q_labels, exclude=exclude, **kw)[0],
+                                   [e[1] for e in expected], rtol=1e-12)
+
+
+def test_worker_threads_and_blocks_do_not_change_results(monkeypatch):
+    """Large enough for worker threads: the same ranks and APs as one thread, and as the oracle on a few queries."""
+    rng = np.random.default_rng(9)
+    emb = (1000.0 + rng.integers(-2, 3, size=(1100, 6))).astype(np.float32)  # many exact ties and near-ties
+    labels = rng.integers(0, 40, 1100)
+    ranks, (ap, ap_r) = first_relevant_rank(emb, labels, exclude="nearest"), average_precision(emb, labels,
+                                                                                               exclude="nearest")
+    monkeypatch.setattr(retrieval, "_THREADS_FROM", np.inf)
+    kw = {"exclude": "nearest", "block_bytes": 40_000}
+    np.testing.assert_array_equal(first_relevant_rank(emb, labels, **kw), ranks)
+    np.testing.assert_array_equal(average_precision(emb, labels, **kw)[0], ap)
+    np.testing.assert_array_equal(average_precision(emb, labels, **kw)[1], ap_r)
+    few = [0, 1, 500, 1099]
+    flags = oracle_ranked_relevance(emb[few].astype(np.float64), emb.astype(np.float64), labels[few], labels, "none")
+    expected = [oracle_metrics(f[1:]) for f in flags]  # "nearest": the first item of the full ranking goes
+    np.testing.assert_array_equal(ranks[few], [e[0] for e in expected])
+    np.testing.assert_allclose(ap[few], [e[1] for e in expected], rtol=1e-12)
+
+
+def test_huge_and_tiny_embeddings_rank_like_unit_ones():
+    """Scaling by a power of two keeps every distance's order: the GEMM runs on rescaled data."""
+    rng = np.random.default_rng(8)
+    emb = rng.integers(-3, 4, size=(40, 4)).astype(np.float64)
+    labels = rng.integers(0, 3, 40)
+    ranks = first_relevant_rank(emb, labels)
+    ap = average_precision(emb, labels)[0]
+    for factor in (2.0 ** 60, 2.0 ** -60):
+        np.testing.assert_array_equal(first_relevant_rank(emb * factor, labels), ranks)
+        np.testing.assert_array_equal(average_precision(emb * factor, labels)[0], ap)
+    with pytest.raises(ValueError, match="embeddings: norms"):
+        recall_at_k(emb * 1e160, labels)
 
 
 # ---------------------------------------------------------------- NMI and k-means

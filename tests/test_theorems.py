@@ -116,3 +116,12 @@ def test_radius_not_certified_and_ceiling():
     np.testing.assert_array_equal(certified_radius([-0.1, 0.0, np.nan], 0.5, 1.0), [0.0, 0.0, 0.0])
     assert certified_radius(2.0, 1.0, 1.0) == pytest.approx(1.3489795, abs=1e-7)
     assert np.isinf(certified_radius(4.0, 1.0, 1.0))
+
+
+def test_radius_forms_pinned_to_independent_values():
+    """d_low = 0.3, sigma = 0.5: phi = 2 sigma Phi^-1(1/2 + d/(8F)), linear = d sigma sqrt(pi/2) / (2F),
+    at F = 1 and F = 2 (values from scipy.special.ndtri in a separate script)."""
+    assert certified_radius(0.3, 0.5, 1.0, "phi") == pytest.approx(0.0941374143235364, rel=1e-12)
+    assert certified_radius(0.3, 0.5, 1.0, "linear") == pytest.approx(0.0939985602986625, rel=1e-12)
+    assert certified_radius(0.3, 0.5, 2.0, "phi") == pytest.approx(0.04701659657781429, rel=1e-12)
+    assert certified_radius(0.3, 0.5, 2.0, "linear") == pytest.approx(0.04699928014933125, rel=1e-12)

@@ -20,7 +20,7 @@ from minrr.labels import check_label_pair, check_labels, label_keys, same_label
 
 __all__ = [
     "average_precision",
-    "mean_average_precision",
+    "map_at_k",
     "mean_of_ap",
     "precision_at_k",
     "precision_recall_curve",
@@ -129,8 +129,11 @@ def mean_of_ap(ap, n_relevant, *, variant: str = "deephash") -> float:
     return float(ap.mean()) if len(ap) else float("nan")
 
 
-def mean_average_precision(retrieved, query_labels, database_labels, *, variant: str = "deephash") -> float:
+def map_at_k(retrieved, query_labels, database_labels, *, variant: str = "deephash") -> float:
     """mAP@k of a ranking, k = ``retrieved.shape[1]``, under ``variant`` (see :func:`mean_of_ap`).
+
+    The deep-hashing papers' mAP@k; :func:`minrr.metrics.retrieval.mean_average_precision` is the
+    metric-learning mAP over the full ranking of embeddings.
 
     Arguments as in :func:`average_precision`.
     """
@@ -184,7 +187,7 @@ def hamming_map(database_codes, query_codes, database_labels, query_labels, k: i
     database_labels : (N,) int or (N, C) multi-hot
     query_labels : (n_queries,) int or (n_queries, C) multi-hot
     k : int or None
-    packed, variant : as in :func:`minrr.hamming.search` and :func:`mean_average_precision`
+    packed, variant : as in :func:`minrr.hamming.search` and :func:`map_at_k`
 
     Returns
     -------
@@ -208,6 +211,6 @@ def hamming_map(database_codes, query_codes, database_labels, query_labels, k: i
     n_relevant = np.empty(n_queries, dtype=np.int64)
     for q0 in range(0, n_queries, batch):
         rows = slice(q0, q0 + batch)
-        _, retrieved = hamming.search(database_codes, query_codes[rows], k, packed=True)
+        _, retrieved = hamming.search(query_codes[rows], database_codes, k, packed=True)
         ap[rows], n_relevant[rows] = average_precision(retrieved, query_labels[rows], database_labels)
     return mean_of_ap(ap, n_relevant, variant=variant)

@@ -16,7 +16,9 @@ query's ranking:
 - AP ``= (1/R) sum_j j / pos_j`` over all R relevant items (robrank's mAP);
 - AP@R ``= (1/R) sum_{j : pos_j <= R} j / pos_j`` (Musgrave et al., "A metric
   learning reality check", ECCV 2020), precision averaged over the first R
-  positions only.
+  positions only;
+- R-precision ``= #{j : pos_j <= R} / R``, the share of relevant items among
+  the first R positions.
 
 A query with no relevant gallery item has none of these; it is left out of
 every mean, as pytorch-metric-learning does with its "lone" queries.
@@ -30,20 +32,43 @@ one item out of its ranking (``exclude``):
   0 from query i and has a smaller index: "nearest" then drops that duplicate
   and keeps the query itself, which it then retrieves first.
 
-Memory stays bounded whatever the gallery size: Recall@k goes over blocks of
-queries x blocks of gallery items (twice), AP and AP@R over blocks of queries
-with their full rows of distances; ``block_bytes`` caps either block.
+How it runs at GEMM speed with exact results. Every metric needs, for some
+relevant items m of each query, the number of gallery items ranked before
+m, ``pos_m - 1``. The relevant items are found through the label groups (all
+items for multi-label), and their exact distances ``d_m`` sorted; Recall@k
+and the first rank keep only the first one (two for "nearest"), found among
+candidates within a float64 rounding bound of the nearest by approximate
+distances. Then one float32 GEMM per (query block, gallery chunk) gives
+``score = q.e - |e|^2 / 2``, and for each kept m an item whose score lies
+beyond ``d_m`` by more than E, a bound on the rounding of the GEMM, the
+casts and the float64 sums (:func:`minrr.margin.distance_allowance`, Higham's
+gamma), is certainly before or after m; only an item within E of ``d_m``
+(a near-tie) gets its exact distance and index compared. Queries with few
+relevant items count each one's items by a vector pass over the row, others
+place every item by a binary search run over the whole row at once.
+Embeddings are divided by a power of two first (exact) when their norms
+would under- or overflow float32.
+
+The work is split into query blocks, each run on one thread with
+single-threaded BLAS, so only one thread pool is ever busy. Memory is
+bounded whatever the gallery size: per worker, at most ``block_bytes`` of
+scores (1024 x 1024 float32 by default) and ``block_bytes`` of kept relevant
+items (64 bytes each: one or two per query for Recall@k, all R for AP), plus
+O(M) numbers per gallery item (norms, label groups).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Sequence
 
 import numba
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from minrr.io import as_float_array
 from minrr.labels import check_label_pair, check_labels, label_keys, same_label
+from minrr.margin import cast_error, distance_allowance, embedding_scale, gamma, load_rows, max_norm, squared_norms
 
 __all__ = [
     "first_relevant_rank",
@@ -51,12 +76,19 @@ __all__ = [
     "average_precision",
     "mean_average_precision",
     "map_at_r",
+    "r_precision",
 ]
 
 BLOCK_BYTES = 64 * 2**20
 """Default size of the distance block a metric holds at once (64 MiB)."""
 
-_GALLERY_BLOCK = 4096  # gallery items per block in the two-pass scan
+_GEMM_DTYPE = np.float32
+_QUERY_BLOCK = 1024  # queries per GEMM block
+_GALLERY_CHUNK = 1024  # gallery items per GEMM block
+_THREADS_FROM = 2**20  # query-item pairs from which the work is worth starting threads for
+_SEARCH_ABOVE = 32  # relevant items of a query beyond which gallery items are placed by binary search
+_EXACT_PIECE = 64  # relevant items whose exact distances are summed side by side
+_STATE_BYTES = 64  # bytes held per kept relevant item at the peak: distance, index, count, thresholds
 _EXCLUDE_NONE, _EXCLUDE_INDEX, _EXCLUDE_NEAREST = 0, 1, 2
 _EXCLUDE_MODES = {"none": _EXCLUDE_NONE, "index": _EXCLUDE_INDEX, "nearest": _EXCLUDE_NEAREST}
 
@@ -64,23 +96,29 @@ _EXCLUDE_MODES = {"none": _EXCLUDE_NONE, "index": _EXCLUDE_INDEX, "nearest": _EX
 class _Ranking(NamedTuple):
     """Validated inputs of one retrieval problem."""
 
-    queries: np.ndarray  # (N, dim) float64
-    gallery: np.ndarray  # (M, dim) float64
+    queries: np.ndarray  # (N, dim) float32 or float64 (the input's float type, else float64)
+    gallery: np.ndarray  # (M, dim) likewise
     query_keys: np.ndarray  # (N, W) int64, see minrr.labels.label_keys
     gallery_keys: np.ndarray  # (M, W) int64
     multi: bool
     exclude: int  # one of _EXCLUDE_*
 
 
+def _float_embeddings(x, name: str) -> np.ndarray:
+    """``x`` checked and C-contiguous, float32 kept as is (the exact distances cast it to float64 exactly)."""
+    dtype = np.float32 if np.asarray(x).dtype == np.float32 else np.float64
+    return np.ascontiguousarray(as_float_array(x, name=name, ndim=2, dtype=dtype))
+
+
 def _prepare(embeddings, labels, gallery, gallery_labels, exclude, block_bytes) -> _Ranking:
-    queries = np.ascontiguousarray(as_float_array(embeddings, name="embeddings", ndim=2))
+    queries = _float_embeddings(embeddings, "embeddings")
     q_labels = check_labels(labels, queries.shape[0], name="labels")
     if (gallery is None) != (gallery_labels is None):
         raise ValueError("gallery and gallery_labels: give both or neither")
     if gallery is None:
         g, g_labels = queries, q_labels
     else:
-        g = np.ascontiguousarray(as_float_array(gallery, name="gallery", ndim=2))
+        g = _float_embeddings(gallery, "gallery")
         if g.shape[1] != queries.shape[1]:
             raise ValueError(f"gallery: dimension {g.shape[1]} does not match the embeddings' {queries.shape[1]}")
         g_labels = check_labels(gallery_labels, g.shape[0], name="gallery_labels")
@@ -98,200 +136,368 @@ def _prepare(embeddings, labels, gallery, gallery_labels, exclude, block_bytes) 
     return _Ranking(queries, g, q_keys, g_keys, multi, _EXCLUDE_MODES[exclude])
 
 
-@numba.njit(parallel=True, cache=True)
-def _squared_distances(queries, gallery_t, out):
-    """``out[a, j] = sum_k (queries[a, k] - gallery_t[k, j])**2``, summed over k in order.
+@numba.njit(inline="always", cache=True)
+def _exact_squared_distance(a, b):
+    """``sum_k (a[k] - b[k])**2`` in float64, summed over k in order: the distance that ranks."""
+    acc = 0.0
+    for k in range(a.shape[0]):
+        diff = np.float64(a[k]) - np.float64(b[k])
+        acc += diff * diff
+    return acc
 
-    queries: (B, dim); gallery_t: (dim, G); out: (B, G). Every entry is the
-    same sequence of float64 additions, so it depends on its two vectors
-    only. The loop over k is unrolled by four to save loads and stores of
-    ``out``; the additions stay in the order k = 0, 1, 2, ...
+
+@numba.njit(nogil=True, cache=True)
+def _relevant_counts(q_ids, q_keys, g_keys, multi, members, lo, hi, skip_self, n_relevant):
+    """``n_relevant[a]``: relevant items of query ``q_ids[a]`` among ``members[lo[a]:hi[a]]``."""
+    for a in range(q_ids.shape[0]):
+        query, count = q_ids[a], 0
+        for p in range(lo[a], hi[a]):
+            j = members[p]
+            if not (skip_self and j == query) and same_label(q_keys[query], g_keys[j], multi):
+                count += 1
+        n_relevant[a] = count
+
+
+@numba.njit(fastmath=True, cache=True)  # not inlined: the caller is not fastmath
+def _approximate_squared_distance(a, b):
+    """``sum_k (a[k] - b[k])**2`` in float64 in any order (vectorised): within ``tolerance / 2`` of the exact one."""
+    acc = 0.0
+    for k in range(a.shape[0]):
+        diff = np.float64(a[k]) - np.float64(b[k])
+        acc += diff * diff
+    return acc
+
+
+@numba.njit(nogil=True, cache=True)
+def _sorted_relevant(queries, gallery, q_ids, q_keys, g_keys, multi, members, lo, hi, skip_self, tolerance,
+                     offsets, rel_d, rel_i):
+    """The first ``offsets[a + 1] - offsets[a]`` relevant items of each query, by (exact distance, index).
+
+    Candidates ``members[lo[a]:hi[a]]`` come in increasing index order and the
+    sort is stable, so equal distances keep the smaller index first. When
+    only the first few are kept, approximate distances rule out every
+    candidate farther than ``tolerance[a]`` beyond the last kept one, and
+    only the rest get exact distances.
     """
     n_dim = queries.shape[1]
-    n_unrolled = n_dim - n_dim % 4
-    for a in numba.prange(queries.shape[0]):
-        q = queries[a]
-        row = out[a]
-        row[:] = 0.0
-        for k in range(0, n_unrolled, 4):
-            g0, g1, g2, g3 = gallery_t[k], gallery_t[k + 1], gallery_t[k + 2], gallery_t[k + 3]
-            for j in range(row.shape[0]):
-                acc = row[j]
-                diff = q[k] - g0[j]
-                acc += diff * diff
-                diff = q[k + 1] - g1[j]
-                acc += diff * diff
-                diff = q[k + 2] - g2[j]
-                acc += diff * diff
-                diff = q[k + 3] - g3[j]
-                acc += diff * diff
-                row[j] = acc
-        for k in range(n_unrolled, n_dim):
-            g = gallery_t[k]
-            for j in range(row.shape[0]):
-                diff = q[k] - g[j]
-                row[j] += diff * diff
+    piece = np.empty((n_dim, _EXACT_PIECE))  # coordinates of up to _EXACT_PIECE items, transposed
+    for a in range(q_ids.shape[0]):
+        query = q_ids[a]
+        keep = offsets[a + 1] - offsets[a]
+        items = np.empty(hi[a] - lo[a], dtype=np.int64)
+        count = 0
+        for p in range(lo[a], hi[a]):
+            j = members[p]
+            if not (skip_self and j == query) and same_label(q_keys[query], g_keys[j], multi):
+                items[count] = j
+                count += 1
+        items = items[:count]
+        if keep < count:
+            approx = np.empty(count)
+            for t in range(count):
+                approx[t] = _approximate_squared_distance(queries[query], gallery[items[t]])
+            reach = np.sort(approx)[keep - 1] + tolerance[a]
+            items = items[approx <= reach]
+        # Exact distances side by side (vectorised over items); each one still sums over k in order.
+        dist = np.zeros(len(items))
+        for start in range(0, len(items), _EXACT_PIECE):
+            width = min(_EXACT_PIECE, len(items) - start)
+            for t in range(width):
+                for k in range(n_dim):
+                    piece[k, t] = gallery[items[start + t], k]
+            for k in range(n_dim):
+                coordinate = np.float64(queries[query, k])
+                for t in range(width):
+                    diff = coordinate - piece[k, t]
+                    dist[start + t] += diff * diff
+        order = np.argsort(dist, kind="mergesort")
+        for t in range(keep):
+            rel_d[offsets[a] + t] = dist[order[t]]
+            rel_i[offsets[a] + t] = items[order[t]]
 
 
-def _transposed_blocks(gallery: np.ndarray, size: int) -> list[tuple[int, np.ndarray]]:
-    """The gallery as ``(start, (dim, g) C-contiguous block)`` pairs: one transposed copy, made once."""
-    return [(start, np.ascontiguousarray(gallery[start:start + size].T)) for start in range(0, len(gallery), size)]
+@numba.njit(inline="always", cache=True)
+def _is_before(query, gallery, item, target_d, target_i):
+    """Whether gallery ``item`` ranks before the target (exact distance ``target_d``, index ``target_i``)."""
+    d = _exact_squared_distance(query, gallery[item])
+    return d < target_d or (d == target_d and item < target_i)
 
 
-def _distance_blocks(queries: np.ndarray, blocks: list[tuple[int, np.ndarray]]):
-    """Yield ``(g_start, d2)``: squared distances of ``queries`` to each transposed gallery block."""
-    buffer = np.empty(len(queries) * max(block.shape[1] for _, block in blocks))
-    for g_start, block in blocks:
-        d2 = buffer[: len(queries) * block.shape[1]].reshape(len(queries), block.shape[1])
-        _squared_distances(queries, block, d2)
-        yield g_start, d2
+@numba.njit(inline="always", cache=True)
+def _first_under(values, first, last, v):
+    """First m in [first, last) with ``values[m] < v`` (``last`` if none); ``values`` non-increasing."""
+    while first < last:
+        mid = (first + last) // 2
+        if values[mid] < v:
+            last = mid
+        else:
+            first = mid + 1
+    return first
 
 
-@numba.njit(parallel=True, cache=True)
-def _scan_nearest(d2, q_start, g_start, q_keys, g_keys, multi, skip_self, near_d, near_i, rel_d, rel_i, n_rel):
-    """Fold a distance block into the running nearest item and two nearest relevant items.
+@numba.njit(nogil=True, cache=True)
+def _count_before(scores, g_start, queries, gallery, q_ids, skip_self, offsets, above, below, rel_d, rel_i,
+                  search_above, counts):
+    """Add to ``counts[m]`` the items of one gallery chunk ranked before kept relevant item m.
 
-    d2: (B, G) block at (q_start, g_start); near_d/near_i: (B,) nearest item;
-    rel_d/rel_i: (B, 2) two nearest relevant items; n_rel: (B,) relevant count.
-    Items arrive in increasing index order and only a strictly smaller
-    distance replaces a kept one, so ties keep the smaller index.
+    ``scores[a, c] = q.e - |e|^2 / 2`` (GEMM precision) for query ``q_ids[a]``
+    and item ``g_start + c``; a larger score is a smaller distance. For the
+    relevant items ``offsets[a] .. offsets[a + 1]`` of row a (by increasing
+    exact distance ``rel_d``), a score above ``above[m]`` is certainly
+    before item m and one below ``below[m]`` certainly after; a score in
+    between is a near-tie, settled by the exact distance and the index.
+    Rows with few relevant items count each one's items in a vector pass
+    over the row; others place every item by binary search. The query
+    itself is skipped when ``skip_self``.
     """
-    for a in numba.prange(d2.shape[0]):
-        query = q_start + a
-        for j in range(d2.shape[1]):
-            item = g_start + j
-            if skip_self and item == query:
-                continue
-            d = d2[a, j]
-            if d < near_d[a]:
-                near_d[a], near_i[a] = d, item
-            if same_label(q_keys[query], g_keys[item], multi):
-                n_rel[a] += 1
-                if d < rel_d[a, 0]:
-                    rel_d[a, 1], rel_i[a, 1] = rel_d[a, 0], rel_i[a, 0]
-                    rel_d[a, 0], rel_i[a, 0] = d, item
-                elif d < rel_d[a, 1]:
-                    rel_d[a, 1], rel_i[a, 1] = d, item
+    n_cols = scores.shape[1]
+    certain = np.empty(n_cols, dtype=np.int32)
+    for a in range(scores.shape[0]):
+        first, last = offsets[a], offsets[a + 1]
+        if first == last:
+            continue
+        row, query = scores[a], q_ids[a]
+        self_col = query - g_start if skip_self and g_start <= query < g_start + n_cols else -1
+        if last - first <= search_above:
+            for m in range(first, last):
+                hi_t, lo_t = above[m], below[m]
+                n_before, n_near = 0, 0
+                for c in range(n_cols):
+                    n_before += row[c] > hi_t
+                    n_near += row[c] >= lo_t
+                for c in (self_col, rel_i[m] - g_start):  # the query itself; item m, never before itself
+                    if 0 <= c < n_cols and row[c] >= lo_t:
+                        n_near -= 1
+                        n_before -= row[c] > hi_t
+                if n_near > n_before:  # near-ties: settle them exactly
+                    for c in range(n_cols):
+                        if lo_t <= row[c] <= hi_t and c != self_col and \
+                                _is_before(queries[query], gallery, g_start + c, rel_d[m], rel_i[m]):
+                            n_before += 1
+                counts[m] += n_before
+        else:
+            # Binary search of every item at once, one step at a time over the row (vectorised gathers):
+            # after it, above[m] >= row[c] exactly for m < certain[c], so item c is certainly before
+            # kept items certain[c] .. last - 1.
+            kept_above, kept_below = above[first:last], below[first:last]
+            certain[:n_cols] = 0
+            width = last - first
+            while width > 1:
+                half = width // 2
+                for c in range(n_cols):
+                    certain[c] += np.int32(half) * np.int32(kept_above[certain[c] + half - 1] >= row[c])
+                width -= half
+            steps = np.zeros(last - first + 1, dtype=np.int64)  # counts by difference
+            for c in range(n_cols):
+                certain[c] += kept_above[certain[c]] >= row[c]
+                steps[certain[c]] += 1  # steps[last - first], after every item, is not read
+            if self_col >= 0:
+                steps[certain[self_col]] -= 1
+            for c in range(n_cols):  # near-ties: settle them exactly
+                t = certain[c]
+                if t > 0 and kept_below[t - 1] <= row[c] and c != self_col:
+                    for m in range(_first_under(kept_below, 0, t, np.nextafter(row[c], np.inf)), t):
+                        if rel_i[first + m] != g_start + c and \
+                                _is_before(queries[query], gallery, g_start + c, rel_d[first + m], rel_i[first + m]):
+                            steps[m] += 1
+                            steps[m + 1] -= 1
+            running = 0
+            for t in range(last - first):
+                running += steps[t]
+                counts[first + t] += running
 
 
-@numba.njit(parallel=True, cache=True)
-def _count_before(d2, g_start, target_d, target_i, skip, count):
-    """Add to ``count[a]`` the items of the block ranked before item ``target_i[a]``.
+@numba.njit(nogil=True, cache=True)
+def _positions_to_metrics(offsets, counts, n_relevant, drop_nearest, with_ap, ranks, ap, ap_at_r, r_prec):
+    """First relevant rank, AP, AP@R and R-precision of each query from its kept relevant items' counts.
 
-    An item is ranked before the target when it is closer, or equally close
-    with a smaller index; item ``skip[a]`` (-1 for none) is not counted.
+    Kept item t (t-th relevant by exact order) is at position ``counts[t] + 1``.
+    ``drop_nearest`` removes the first item of the ranking: the first
+    relevant item when nothing precedes it, else an other item.
     """
-    for a in numba.prange(d2.shape[0]):
-        for j in range(d2.shape[1]):
-            item = g_start + j
-            d = d2[a, j]
-            if item != skip[a] and (d < target_d[a] or (d == target_d[a] and item < target_i[a])):
-                count[a] += 1
+    for a in range(n_relevant.shape[0]):
+        first, n_rel, lost = offsets[a], n_relevant[a], 0
+        if drop_nearest and n_rel > 0:
+            lost = 1
+            if counts[first] == 0:
+                first += 1
+                n_rel -= 1
+        if n_rel == 0:
+            ranks[a], ap[a], ap_at_r[a], r_prec[a] = 0, np.nan, np.nan, np.nan
+            continue
+        ranks[a] = counts[first] + 1 - lost
+        if with_ap:
+            total, total_r, hits_r = 0.0, 0.0, 0
+            for m in range(n_rel):
+                position = counts[first + m] + 1 - lost
+                total += (m + 1) / position
+                if position <= n_rel:
+                    total_r += (m + 1) / position
+                    hits_r += 1
+            ap[a] = total / n_rel
+            ap_at_r[a] = total_r / n_rel
+            r_prec[a] = hits_r / n_rel
+
+
+def _rounding_allowance(q_norm: np.ndarray, g_norm_max: float, dim: int, dtype, scale: float) -> np.ndarray:
+    """E per query: ``|(|q'|^2 - 2 score) - d / scale^2| <= E`` for every gallery item.
+
+    ``score`` is the GEMM's ``[q', -1/2] . [e', |e'|^2]`` on the embeddings
+    divided by ``scale`` and cast to ``dtype`` (norms ``q_norm``,
+    ``g_norm_max`` of the scaled embeddings), and ``d`` the exact float64
+    distance of the unscaled ones. Terms: the GEMM's rounding and underflow
+    (:func:`minrr.margin.distance_allowance`, augmented form), the cast of the
+    embeddings (:func:`minrr.margin.cast_error`), and the float64 rounding of
+    ``d``, of the squared norms and of the thresholds.
+    """
+    reach = q_norm + g_norm_max  # bounds |q| + |e|, and |q - e|
+    shift = cast_error(dtype, q_norm, g_norm_max)  # |(q' - e') - (q - e)| <= shift
+    unit64 = np.finfo(np.float64).eps / 2.0
+    exact = ((gamma(dim + 2, np.float64) + 2.0 * gamma(dim, np.float64) + 8.0 * unit64) * reach ** 2
+             + (dim + 2) * 2.0 ** -1074 / scale ** 2)
+    gemm = distance_allowance(dim + 1, dtype, q_norm, g_norm_max, grouped=True)
+    return (gemm + 2.0 * reach * shift + shift ** 2 + exact) * (1.0 + 1e-6)
+
+
+def _directed(values: np.ndarray, dtype, down: bool) -> np.ndarray:
+    """``values`` in ``dtype``, rounded down (or up), so that comparing a ``dtype`` score against it is exact."""
+    rounded = values.astype(dtype)
+    wrong = rounded > values if down else rounded < values
+    return np.where(wrong, np.nextafter(rounded, -np.inf if down else np.inf), rounded)
+
+
+class _Gallery(NamedTuple):
+    """What every query block needs of the gallery, made once: O(M) numbers."""
+
+    members: np.ndarray  # candidate relevant items, grouped by label (single-label) or all items
+    member_keys: np.ndarray  # the members' labels, ascending (single-label)
+    norm_column: np.ndarray  # (M,) |e'|^2 of the scaled, cast items, in the GEMM's dtype
+    norm_max: float  # max |e| / scale
+    scale: float  # power of two the embeddings are divided by before the GEMM
+
+
+def _gallery_state(problem: _Ranking) -> _Gallery:
+    q_norm_max, g_norm_max = max_norm(problem.queries), max_norm(problem.gallery)
+    if q_norm_max + g_norm_max > 1e150:
+        raise ValueError("embeddings: norms must stay below 1e150 for squared distances to be finite")
+    scale = embedding_scale(q_norm_max, g_norm_max)
+    column = squared_norms(problem.gallery, _GEMM_DTYPE, scale).astype(_GEMM_DTYPE)
+    if problem.multi:
+        members = np.arange(len(problem.gallery))
+        member_keys = np.zeros(len(problem.gallery), dtype=np.int64)  # unused: every item is a candidate
+    else:
+        members = np.argsort(problem.gallery_keys[:, 0], kind="stable")
+        member_keys = problem.gallery_keys[members, 0]
+    return _Gallery(members, member_keys, column, g_norm_max / scale, scale)
+
+
+def _candidates(problem: _Ranking, gallery: _Gallery, q_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``lo, hi``: the candidate relevant items of each query are ``gallery.members[lo:hi]``."""
+    if problem.multi:
+        return np.zeros(len(q_ids), dtype=np.int64), np.full(len(q_ids), len(gallery.members), dtype=np.int64)
+    keys = problem.query_keys[q_ids, 0]
+    return (np.searchsorted(gallery.member_keys, keys, side="left"),
+            np.searchsorted(gallery.member_keys, keys, side="right"))
+
+
+def _in_threads(task, blocks: list[tuple[int, int]], workers: int) -> None:
+    """Run ``task(start, stop)`` over the blocks on ``workers`` threads, BLAS single-threaded.
+
+    Each thread runs its own GEMMs and kernels (which release the GIL), so one
+    thread pool is busy at a time and OpenBLAS's pool never spins against it.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers <= 1:
+            for start, stop in blocks:
+                task(start, stop)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda block: task(*block), blocks))
+
+
+def _query_blocks(kept: np.ndarray, size: int, state_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive query ranges of at most ``size`` queries and ``state_bytes`` of kept relevant items."""
+    blocks, start, held = [], 0, 0
+    for a, n in enumerate(kept.tolist()):
+        if a > start and (a - start == size or (held + n) * _STATE_BYTES > state_bytes):
+            blocks.append((start, a))
+            start, held = a, 0
+        held += n
+    blocks.append((start, len(kept)))
+    return blocks
+
+
+def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool) -> tuple[np.ndarray, ...]:
+    """First relevant rank of every query, and (``with_ap``) AP, AP@R and R-precision (else NaN)."""
+    n_queries, dim = problem.queries.shape
+    n_gallery = problem.gallery.shape[0]
+    gallery = _gallery_state(problem)
+    dtype, scale = _GEMM_DTYPE, gallery.scale
+    itemsize = np.dtype(dtype).itemsize
+    skip_self = problem.exclude == _EXCLUDE_INDEX
+    drop_nearest = problem.exclude == _EXCLUDE_NEAREST
+    workers = max(1, min(numba.get_num_threads(), n_queries)) if n_queries * n_gallery >= _THREADS_FROM else 1
+    chunk = max(1, min(n_gallery, _GALLERY_CHUNK, block_bytes // itemsize))
+    size = max(1, min(_QUERY_BLOCK, -(-n_queries // workers), block_bytes // (itemsize * chunk)))
+
+    n_relevant = np.empty(n_queries, dtype=np.int64)
+
+    def count_relevant(start, stop):
+        q_ids = np.arange(start, stop)
+        lo, hi = _candidates(problem, gallery, q_ids)
+        _relevant_counts(q_ids, problem.query_keys, problem.gallery_keys, problem.multi, gallery.members, lo, hi,
+                         skip_self, n_relevant[start:stop])
+
+    _in_threads(count_relevant, [(s, min(s + size, n_queries)) for s in range(0, n_queries, size)], workers)
+    kept = n_relevant if with_ap else np.minimum(n_relevant, 1 + drop_nearest)
+    ranks = np.empty(n_queries, dtype=np.int64)
+    ap, ap_at_r, r_prec = (np.full(n_queries, np.nan) for _ in range(3))
+
+    def rank_block(start, stop):
+        q_ids = np.arange(start, stop)
+        offsets = np.concatenate([[0], np.cumsum(kept[start:stop])])
+        rel_d, rel_i = np.empty(offsets[-1]), np.empty(offsets[-1], dtype=np.int64)
+        lo, hi = _candidates(problem, gallery, q_ids)
+        cast = load_rows(problem.queries, slice(start, stop), dtype, scale)
+        q_sq = squared_norms(cast, dtype, 1.0)
+        q_norm = np.sqrt(squared_norms(problem.queries[start:stop], np.float64, scale))
+        # Two float64 sums of the same dim + 2 rounded terms differ by at most 2 gamma_{dim+2} (|q| + |e|)^2.
+        tolerance = (4.0 * gamma(dim + 2, np.float64) * ((q_norm + gallery.norm_max) * scale) ** 2
+                     + 4 * dim * 2.0 ** -1074) * (1.0 + 1e-6)
+        _sorted_relevant(problem.queries, problem.gallery, q_ids, problem.query_keys, problem.gallery_keys,
+                         problem.multi, gallery.members, lo, hi, skip_self, tolerance, offsets, rel_d, rel_i)
+        allowance = np.repeat(_rounding_allowance(q_norm, gallery.norm_max, dim, dtype, scale), kept[start:stop])
+        centre = np.repeat(q_sq, kept[start:stop]) - rel_d / scale ** 2  # twice the score at the exact distance
+        above = _directed((centre + allowance) / 2.0, dtype, down=True)
+        below = _directed((centre - allowance) / 2.0, dtype, down=False)
+        augmented = np.empty((len(q_ids), dim + 1), dtype=dtype)
+        augmented[:, :dim] = cast
+        augmented[:, dim] = -0.5
+        items = np.empty((chunk, dim + 1), dtype=dtype)
+        buffer = np.empty(len(q_ids) * chunk, dtype=dtype)
+        counts = np.zeros(offsets[-1], dtype=np.int64)
+        for g_start in range(0, n_gallery, chunk):
+            n = min(chunk, n_gallery - g_start)
+            items[:n, :dim] = load_rows(problem.gallery, slice(g_start, g_start + n), dtype, scale)
+            items[:n, dim] = gallery.norm_column[g_start:g_start + n]
+            scores = buffer[:len(q_ids) * n].reshape(len(q_ids), n)
+            np.matmul(augmented, items[:n].T, out=scores)  # q'.e' - |e'|^2 / 2
+            _count_before(scores, g_start, problem.queries, problem.gallery, q_ids, skip_self, offsets, above, below,
+                          rel_d, rel_i, _SEARCH_ABOVE, counts)
+        _positions_to_metrics(offsets, counts, n_relevant[start:stop], drop_nearest, with_ap,
+                              ranks[start:stop], ap[start:stop], ap_at_r[start:stop], r_prec[start:stop])
+
+    _in_threads(rank_block, _query_blocks(kept, size, block_bytes), workers)
+    return ranks, ap, ap_at_r, r_prec
 
 
 def _first_relevant_rank(problem: _Ranking, block_bytes: int) -> np.ndarray:
-    """Two passes over gallery blocks: find the nearest relevant item, then count what precedes it."""
-    n_queries, n_gallery = problem.queries.shape[0], problem.gallery.shape[0]
-    g_block = max(1, min(n_gallery, _GALLERY_BLOCK, block_bytes // 8))
-    q_block = max(1, block_bytes // (8 * g_block))
-    blocks = _transposed_blocks(problem.gallery, g_block)
-    ranks = np.zeros(n_queries, dtype=np.int64)
-    for q_start in range(0, n_queries, q_block):
-        q_stop = min(q_start + q_block, n_queries)
-        b = q_stop - q_start
-        near_d, near_i = np.full(b, np.inf), np.full(b, -1, dtype=np.int64)
-        rel_d, rel_i = np.full((b, 2), np.inf), np.full((b, 2), -1, dtype=np.int64)
-        n_rel = np.zeros(b, dtype=np.int64)
-        queries = problem.queries[q_start:q_stop]
-        for g_start, d2 in _distance_blocks(queries, blocks):
-            _scan_nearest(d2, q_start, g_start, problem.query_keys, problem.gallery_keys, problem.multi,
-                          problem.exclude == _EXCLUDE_INDEX, near_d, near_i, rel_d, rel_i, n_rel)
-        if problem.exclude == _EXCLUDE_INDEX:
-            skip = np.arange(q_start, q_stop, dtype=np.int64)
-        elif problem.exclude == _EXCLUDE_NEAREST:
-            skip = near_i
-        else:
-            skip = np.full(b, -1, dtype=np.int64)
-        # Dropping the nearest item drops the nearest relevant one when they coincide.
-        dropped = rel_i[:, 0] == skip if problem.exclude == _EXCLUDE_NEAREST else np.zeros(b, dtype=bool)
-        target = np.where(dropped, 1, 0)
-        target_d = rel_d[np.arange(b), target]
-        target_i = rel_i[np.arange(b), target]
-        count = np.zeros(b, dtype=np.int64)
-        for g_start, d2 in _distance_blocks(queries, blocks):
-            _count_before(d2, g_start, target_d, target_i, skip, count)
-        ranks[q_start:q_stop] = np.where(n_rel - dropped > 0, count + 1, 0)
-    return ranks
+    return _ranked(problem, block_bytes, with_ap=False)[0]
 
 
-@numba.njit(parallel=True, cache=True)
-def _ranked_precisions(d2, q_start, q_keys, g_keys, multi, exclude, ap, ap_at_r):
-    """AP and AP@R of each query from its full row of squared distances.
-
-    d2: (B, M) rows for queries [q_start, q_start + B); ap, ap_at_r: (B,)
-    outputs, NaN for a query without relevant items. The relevant items are
-    sorted by (distance, index); every other item is placed among them by
-    binary search, so a row costs O(M log R + R log R) and O(M) scratch.
-    """
-    n_gallery = d2.shape[1]
-    for a in numba.prange(d2.shape[0]):
-        row = d2[a]
-        query = q_start + a
-        skip = -1
-        if exclude == _EXCLUDE_INDEX:
-            skip = query
-        elif exclude == _EXCLUDE_NEAREST:
-            skip = np.argmin(row)  # the first minimum: ties go to the smaller index
-        relevant = np.zeros(n_gallery, dtype=np.bool_)
-        n_rel = 0
-        for j in range(n_gallery):
-            if j != skip and same_label(q_keys[query], g_keys[j], multi):
-                relevant[j] = True
-                n_rel += 1
-        if n_rel == 0:
-            ap[a] = np.nan
-            ap_at_r[a] = np.nan
-            continue
-        rel_items = np.flatnonzero(relevant)
-        rel_items = rel_items[np.argsort(row[rel_items], kind="mergesort")]  # stable: ties by index
-        rel_d = row[rel_items]
-        # before[p]: other items with exactly p relevant items ranked before them.
-        before = np.zeros(n_rel + 1, dtype=np.int64)
-        for j in range(n_gallery):
-            if j == skip or relevant[j] or row[j] > rel_d[n_rel - 1]:
-                continue  # items past the last relevant one move no position
-            lo, hi = 0, n_rel
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if rel_d[mid] < row[j] or (rel_d[mid] == row[j] and rel_items[mid] < j):
-                    lo = mid + 1
-                else:
-                    hi = mid
-            before[lo] += 1
-        others, total, total_r = 0, 0.0, 0.0
-        for m in range(n_rel):
-            others += before[m]
-            position = m + 1 + others
-            total += (m + 1) / position
-            if position <= n_rel:
-                total_r += (m + 1) / position
-        ap[a] = total / n_rel
-        ap_at_r[a] = total_r / n_rel
-
-
-def _precisions(problem: _Ranking, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    n_queries, n_gallery = problem.queries.shape[0], problem.gallery.shape[0]
-    q_block = max(1, block_bytes // (8 * n_gallery))
-    gallery_t = np.ascontiguousarray(problem.gallery.T)
-    d2_buffer = np.empty((min(q_block, n_queries), n_gallery))
-    ap, ap_at_r = np.empty(n_queries), np.empty(n_queries)
-    for q_start in range(0, n_queries, q_block):
-        q_stop = min(q_start + q_block, n_queries)
-        d2 = d2_buffer[: q_stop - q_start]
-        _squared_distances(problem.queries[q_start:q_stop], gallery_t, d2)
-        _ranked_precisions(d2, q_start, problem.query_keys, problem.gallery_keys, problem.multi,
-                           problem.exclude, ap[q_start:q_stop], ap_at_r[q_start:q_stop])
-    return ap, ap_at_r
+def _precisions(problem: _Ranking, block_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AP, AP@R and R-precision of every query (NaN without relevant items)."""
+    return _ranked(problem, block_bytes, with_ap=True)[1:]
 
 
 def _mean_over_answerable(values: np.ndarray, answerable: np.ndarray) -> np.ndarray:
@@ -316,10 +522,10 @@ def first_relevant_rank(embeddings, labels, *, gallery=None, gallery_labels=None
         What each query leaves out of its ranking (see the module docstring).
         None: "index" without a gallery, "none" with one.
     block_bytes : int
-        Budget for the distances held at once: queries go through the gallery
-        twice, in blocks of at most ``block_bytes`` bytes and 4096 gallery
-        items. Beyond that block, memory is O(N) plus one float64 copy of the
-        embeddings (transposed gallery blocks), whatever the gallery size.
+        Budget per worker thread for the scores held at once (float32 blocks
+        of at most 1024 queries x 1024 gallery items) and for the kept
+        relevant items of a query block. Beyond that, memory is O(N + M)
+        numbers, whatever the gallery size; float32 embeddings are not copied.
 
     Returns
     -------
@@ -358,10 +564,12 @@ def average_precision(embeddings, labels, *, gallery=None, gallery_labels=None, 
                       block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Per-query AP over the full ranking, and AP@R.
 
-    Parameters are those of :func:`first_relevant_rank`, but each query needs
-    its full ranking: queries go in blocks of ``max(1, block_bytes // (8 M))``
-    full rows of distances, plus O(M) scratch per thread and one float64 copy
-    of the gallery.
+    Parameters, and the memory used, are those of :func:`first_relevant_rank`,
+    but every relevant item of a query is kept (64 bytes each at the peak), so
+    a query block holds at most ``block_bytes // 64`` of them (at least one
+    query).
+    Cost: the GEMM, plus O(R) per gallery item and query for R <= 32 relevant
+    items, O(log R) beyond.
 
     Returns
     -------
@@ -370,7 +578,7 @@ def average_precision(embeddings, labels, *, gallery=None, gallery_labels=None, 
         relevant items.
     """
     problem = _prepare(embeddings, labels, gallery, gallery_labels, exclude, block_bytes)
-    return _precisions(problem, block_bytes)
+    return _precisions(problem, block_bytes)[:2]
 
 
 def mean_average_precision(embeddings, labels, *, gallery=None, gallery_labels=None, exclude=None,
@@ -396,3 +604,16 @@ def map_at_r(embeddings, labels, *, gallery=None, gallery_labels=None, exclude=N
     _, ap_at_r = average_precision(embeddings, labels, gallery=gallery, gallery_labels=gallery_labels,
                                    exclude=exclude, block_bytes=block_bytes)
     return float(_mean_over_answerable(ap_at_r, ~np.isnan(ap_at_r)))
+
+
+def r_precision(embeddings, labels, *, gallery=None, gallery_labels=None, exclude=None,
+                block_bytes: int = BLOCK_BYTES) -> float:
+    """R-precision: mean over queries of the share of relevant items among the first R positions.
+
+    R is the query's number of relevant gallery items (pytorch-metric-learning's
+    ``r_precision``). Takes the arguments of :func:`average_precision`; queries
+    without relevant items are left out of the mean.
+    """
+    problem = _prepare(embeddings, labels, gallery, gallery_labels, exclude, block_bytes)
+    r_prec = _precisions(problem, block_bytes)[2]
+    return float(_mean_over_answerable(r_prec, ~np.isnan(r_prec)))

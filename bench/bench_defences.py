@@ -1,0 +1,97 @@
+"""Cost of adversarial training (issue 12): one defended epoch against (steps + 1) plain epochs.
+
+For each defence, one epoch of :func:`minrr.backends.defences.fit` on the same model, data
+and batch size is timed against one epoch of plain training (``defense="none"``), each side
+in its own loop, best of ``--repeats`` runs from the same initial weights. The ratio is
+
+    defended epoch / ((steps + 1) x plain epoch)
+
+(target: at most 1.1). ``steps`` is the defence's PGD steps; for FreeAT, which takes one
+weight step per replay and no separate attack, the reference is ``replays`` plain epochs.
+COLO-TRIDE's CAP stops early once a batch collapses, so its ratio can fall below 1.
+
+Model: the small CNN that ``minrr train`` builds by default (width 32, 128-d embedding or
+64-bit hash, 28 x 28 inputs), batch 128, on the bundled Fashion-MNIST subset.
+
+Run: python bench/bench_defences.py [--quick] [--images N] [--device cpu|cuda] [--out bench/results/defences.md]
+(--quick: 256 images, width 8, one repeat, results printed only unless --out is given.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minrr.backends import get_backend
+from minrr.backends.defences import defence_settings, fit
+from minrr.backends.models import ModelSpec, build_model
+from minrr.data import fashion_mnist_subset
+
+from machine import describe
+
+CASES = [("dml", "naive"), ("dml", "act"), ("dml", "hm"), ("dml", "colo-tride"), ("hash", "freeat")]
+
+
+def _epoch_seconds(task, defense, images, labels, backend, width, batch_size) -> float:
+    head, dim = ("embedding", 128) if task == "dml" else ("hash", 64)
+    model = build_model(ModelSpec("small-cnn", 1, head, dim, width=width, mean=(0.29,), std=(0.35,)), seed=0)
+    settings = defence_settings(task, defense)
+    if backend.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fit(model, images, labels, task=task, defense=defense, settings=settings, epochs=1, batch_size=batch_size,
+        seed=0, backend=backend)
+    if backend.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small size, one repeat, no results file")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each epoch; the best counts (default: 3)")
+    parser.add_argument("--images", type=int, help="training images (default: all 5,000; --quick: 256)")
+    parser.add_argument("--out", help="results table (default: bench/results/defences.md, none with --quick)")
+    args = parser.parse_args(argv)
+    data = fashion_mnist_subset()
+    n, width, repeats = (256, 8, 1) if args.quick else (len(data["train_labels"]), 32, args.repeats)
+    n = args.images or n
+    images, labels = data["train_images"][:n, None], data["train_labels"][:n].astype(np.int64)
+    backend = get_backend("torch", device=args.device)
+    machine = describe(np, torch)
+    batch_size = 128
+    _epoch_seconds("dml", "none", images[:64], labels[:64], backend, width, 32)  # warm-up
+    rows = []
+    for task, defense in CASES:
+        settings = defence_settings(task, defense)
+        passes = settings["replays"] if defense == "freeat" else settings["attack_steps"] + 1
+        plain = [_epoch_seconds(task, "none", images, labels, backend, width, batch_size) for _ in range(repeats)]
+        defended = [_epoch_seconds(task, defense, images, labels, backend, width, batch_size) for _ in range(repeats)]
+        ratio = min(defended) / (passes * min(plain))
+        rows.append((task, defense, passes, min(plain), min(defended), ratio))
+        print(f"{task} {defense}: plain epoch {min(plain):.2f} s, defended {min(defended):.2f} s, "
+              f"{min(defended) / min(plain):.2f} plain epochs = {ratio:.3f} x {passes}", flush=True)
+    lines = ["# Cost of adversarial training (bench/bench_defences.py)", "",
+             f"Machine: {machine}; device {backend.device}.", "",
+             f"One epoch of {n} bundled Fashion-MNIST images, small CNN of width {width}, batch {batch_size}, "
+             f"best of {repeats}. Ratio = defended epoch / (passes x plain epoch), passes = PGD steps + 1 "
+             "(FreeAT: replays); target <= 1.1.", "",
+             "| task | defence | passes | plain epoch (s) | defended epoch (s) | ratio |", "|---|---|---|---|---|---|"]
+    lines += [f"| {t} | {d} | {p} | {a:.2f} | {b:.2f} | {r:.3f} |" for t, d, p, a, b, r in rows]
+    out = args.out or (None if args.quick else str(Path(__file__).parent / "results" / "defences.md"))
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
+        print(f"wrote {out}")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
