@@ -62,8 +62,11 @@ __all__ = ["DEFENCES", "DIAGNOSTICS", "defence_settings", "hardness", "collapsen
 
 DEFENCES = {"dml": ("none", "naive", "act", "hm", "colo-tride"), "hash": ("none", "freeat")}
 DIAGNOSTICS = ("epoch", "loss", "hardness", "collapseness", "mean_pairwise_distance", "separability",
-               "recall_at_1")
-"""Columns of the per-epoch diagnostics (held-out split, clean embeddings; loss: training mean)."""
+               "recall_at_1", "train_mean_pairwise_distance", "train_separability")
+"""Columns of the per-epoch diagnostics: the held-out split's clean embeddings (hardness to recall_at_1),
+and the training mean of the loss and of the per-minibatch spread and separability (``train_``: on the
+embeddings the model is trained on, adversarial under a defence, over the batch's mined triplets, as
+COLO-TRIDE's Fig. 3 measures them; NaN for plain and hashing training)."""
 
 _PIXEL = 1.0 / 255.0
 _DEFAULTS = {
@@ -286,7 +289,8 @@ def anp_attack(model, batch: TripletBatch, *, eps: float, alpha: float, steps: i
 
 def _dml_step(model, optimizer, batch: TripletBatch, settings: dict, margin: float, step: int, epoch: int, epochs: int,
               memory: dict) -> float:
-    """One defended triplet step; returns the training loss. ``memory`` carries HM's previous loss."""
+    """One defended triplet step; returns the training loss. ``memory`` carries HM's previous loss and
+    collects the epoch's per-batch (spread, separability) of the trained-on embeddings."""
     defense = settings["defense"]
     a, p, n = batch.triplets
     candidates_at = (~batch.anchors).nonzero().flatten()
@@ -321,6 +325,10 @@ def _dml_step(model, optimizer, batch: TripletBatch, settings: dict, margin: flo
         loss = loss + extra(emb, d_ap, d_an)
     loss.backward()
     optimizer.step()
+    with torch.no_grad():
+        spread = pairwise_distances(emb.detach()).sum() / (len(emb) * (len(emb) - 1))
+        separation = (d_an.detach().mean() - d_ap.detach().mean()) / spread.clamp_min(1e-12)
+    memory.setdefault("batch_diagnostics", []).append(torch.stack([spread, separation]))
     return float(loss.detach())
 
 
@@ -486,9 +494,12 @@ def fit(model, images, labels, *, task: str, defense: str = "none", epochs: int 
                     bar.update(1)
             state.history += losses
             state.epoch = epoch + 1
+            batches = state.memory.pop("batch_diagnostics", [])
+            spread, separation = torch.stack(batches).mean(0).tolist() if batches else (float("nan"),) * 2
             if probe is not None:
                 row = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
-                       **_diagnostics(backend, model, probe, lam)}
+                       **_diagnostics(backend, model, probe, lam), "train_mean_pairwise_distance": spread,
+                       "train_separability": separation}
                 state.diagnostics.append([row[k] for k in DIAGNOSTICS])
             if on_epoch is not None:
                 on_epoch(state, optimizer)

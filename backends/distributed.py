@@ -28,7 +28,8 @@ import numpy as np
 
 from minrr import hamming
 
-__all__ = ["connect", "in_order", "worker_model", "shard_paths", "shard_rows", "search_shards"]
+__all__ = ["connect", "in_order", "use_worker_threads", "worker_model", "shard_paths", "shard_rows",
+           "search_shards"]
 
 
 @contextlib.contextmanager
@@ -40,7 +41,9 @@ def connect(scheduler: str | None = None, workers: int | None = None, *, threads
     ----------
     scheduler : address of a running scheduler, e.g. "tcp://10.0.0.1:8786".
     workers : without ``scheduler``, the worker processes of a ``LocalCluster``.
-    threads_per_worker : threads of each local worker (set the total to the cores you have).
+    threads_per_worker : threads of each local worker (set the total to the cores you have); every
+        task runs its Numba kernels and torch on its worker's threads (:func:`use_worker_threads`).
+        Give the workers of a running scheduler ``OMP_WAIT_POLICY=PASSIVE``.
     timeout : seconds to wait for the scheduler before giving up.
     """
     try:
@@ -60,8 +63,11 @@ def connect(scheduler: str | None = None, workers: int | None = None, *, threads
         return
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a whole number >= 1, got {workers!r}")
+    # OpenMP threads that sleep when idle (as minrr sets for itself, see minrr/__init__.py): spinning
+    # threads of Numba's and torch's pools would otherwise slow every worker's forward passes down.
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}
     with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+                      dashboard_address=":0", env=env) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -104,6 +110,25 @@ def in_order(client, function: Callable, chunks: Iterable, *args, window: int | 
         while next_index in held:
             yield held.pop(next_index)
             next_index += 1
+
+
+def use_worker_threads() -> None:
+    """Run this task's Numba kernels (and torch, if loaded) on as many threads as its Dask worker has,
+    so that the workers of one machine share its cores instead of each taking them all. Outside a
+    worker (a task run in the client's process), nothing changes."""
+    import sys
+
+    import numba
+
+    if "distributed" not in sys.modules:  # every worker has imported it
+        return
+    try:
+        threads = sys.modules["distributed"].get_worker().state.nthreads
+    except ValueError:  # not on a worker
+        return
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 _MODELS: dict[tuple[str, str, str], object] = {}
@@ -152,6 +177,7 @@ def _search_shard(job, queries, k: int, packed: bool):
     from minrr.io import load_npy
 
     path, offset = job
+    use_worker_threads()
     shard = load_npy(path, name=f"database shard {Path(path).name}", mmap=True)
     distances, indices = hamming.search(queries=queries, database=shard, k=min(k, len(shard)), packed=packed)
     return distances, indices + offset

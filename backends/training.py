@@ -145,5 +145,6 @@ def evaluate(model, task: str, queries, query_labels, *, database=None, database
     if database is None:
         raise ValueError("database: required to evaluate a hashing model")
     database_out = backend.embed(model, database, batch_size=batch_size)
-    return {"mean_average_precision": float(hamming_map(np.where(database_out >= 0, 1, -1), np.where(queries_out >= 0, 1, -1),
-                                     database_labels, query_labels))}
+    codes = {name: np.where(out >= 0, 1, -1) for name, out in (("queries", queries_out), ("database", database_out))}
+    return {"mean_average_precision": float(hamming_map(codes["queries"], codes["database"], query_labels,
+                                                        database_labels))}

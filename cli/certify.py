@@ -11,13 +11,8 @@ from minrr import bounds
 from minrr.cli.flags import flag_message
 from minrr.io import load_npy
 
-# Copies of minrr.bundled's and minrr.radius's constants, for --help, which must not import numba or
-# scipy (those modules do); tests/test_cli_safety.py checks that they are equal.
-DEFAULT_SIGMAS = (0.1, 0.25, 0.5, 1.0)
-DEFAULT_SAMPLES = 10_000
-DEFAULT_RADII = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
-RADIUS_FORMS = ("phi", "linear")
-CERTIFICATES = ("halfspace", "retrievalguard")  # minrr.certify.CERTIFICATES
+from minrr.options import (CERTIFICATES, DEFAULT_CANDIDATES, DEFAULT_RADII, DEFAULT_SAMPLES, DEFAULT_SIGMAS,
+                           RADIUS_FORMS)
 
 TSV_COLUMNS = ("idx", "label", "nn_label", "correct", "margin", "margin_lower", "radius",
                "bound", "sigma", "alpha", "n", "certificate")
@@ -82,6 +77,9 @@ def register(subparsers) -> None:
                    help="'halfspace' (default): one linear condition per pair of gallery items, never smaller "
                         "than RetrievalGuard's; 'retrievalguard': the margin and the Lipschitz bound of the "
                         "paper (with --bound paper, the paper's certificate exactly)")
+    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, metavar="C",
+                   help=f"halfspace: the C nearest relevant items tried as e+, the best kept (default: "
+                        f"{DEFAULT_CANDIDATES}); each costs about one more GEMM over the gallery")
     p.add_argument("--radius-form", choices=RADIUS_FORMS, default="phi",
                    help="'phi': 2 sigma Phi^-1(1/2 + d/(8F)) (default); 'linear': the Lipschitz form "
                         "(RetrievalGuard's radius)")
@@ -136,6 +134,8 @@ def _check_arguments(args) -> None:
         from minrr.cli.plotting import check_plot_path
 
         check_plot_path(args.plot, name="--plot")
+    if args.candidates < 1:
+        raise ValueError(f"--candidates: expected a whole number >= 1, got {args.candidates}")
     if args.top_k < 1:
         raise ValueError(f"--top-k: expected a whole number >= 1, got {args.top_k}")
     if args.seed < 0:
@@ -209,7 +209,8 @@ def _run_files(args, radii):
     result = certify(queries, labels, sigma=args.sigma, gallery=gallery, gallery_labels=gallery_labels,
                      n_samples=args.samples if queries.ndim == 2 else None, norm_bound=args.norm_bound,
                      alpha=args.alpha, bound=args.bound, top_k=args.top_k,
-                     radius_form=args.radius_form, precision=args.precision, certificate=args.certificate)
+                     radius_form=args.radius_form, precision=args.precision, certificate=args.certificate,
+                     candidates=args.candidates)
     return [result], default_radii(args.sigma) if radii is None else radii
 
 
@@ -299,7 +300,7 @@ def run(args) -> int:
                   "learned now, Gaussian noise sampled in NumPy)", file=sys.stderr)
             results = run_bundled(sigmas, n_samples=args.samples or DEFAULT_SAMPLES, alpha=args.alpha,
                                   bound=args.bound, top_k=args.top_k, radius_form=args.radius_form,
-                                  seed=args.seed, certificate=args.certificate)
+                                  seed=args.seed, certificate=args.certificate, candidates=args.candidates)
             radii = np.array(DEFAULT_RADII) if radii is None else radii
             source = "bundled default: Fashion-MNIST subset, LDA embedding"
         else:

@@ -214,26 +214,25 @@ def certify_rows(model, backend, images, labels, indices, gallery, gallery_label
         result = certify(estimate, labels[j:j + 1], sigma=options["sigma"], gallery=gallery,
                          gallery_labels=gallery_labels, norm_bound=options["norm_bound"], alpha=options["alpha"],
                          bound=options["bound"], top_k=options["top_k"], radius_form=options["radius_form"],
-                         precision=options["precision"], certificate=options["certificate"])
+                         precision=options["precision"], certificate=options["certificate"],
+                         candidates=options["candidates"])
         out.append(tsv_row(i, result, 0)[:-1] + f"\t{time.perf_counter() - started:.4f}\n")
     return out
 
 
-def _worker_rows(job, model_path: str, sha256: str, device: str, threads: int, gallery, gallery_labels,
+def _worker_rows(job, model_path: str, sha256: str, device: str, gallery, gallery_labels,
                  options: dict) -> list[str]:
     """:func:`certify_rows` of one chunk on a Dask worker, the checkpoint loaded once per worker process.
 
     ``job`` = (indices, their images, their labels); the gallery comes scattered to every worker.
     """
-    import torch
-
     from minrr.backends import get_backend
-    from minrr.backends.distributed import worker_model
+    from minrr.backends.distributed import use_worker_threads, worker_model
 
     indices, images, labels = job
-    torch.set_num_threads(threads)
     backend = get_backend("torch", device=device)
     model = worker_model(model_path, sha256, device=str(backend.device))
+    use_worker_threads()
     return certify_rows(model, backend, images, labels, indices, gallery, gallery_labels, options,
                         offset=indices[0])
 
@@ -254,7 +253,7 @@ def _distributed_rows(args, card: dict, queries, todo, gallery_embeddings, galle
     with connect(args.scheduler, args.workers, threads_per_worker=args.threads_per_worker) as client:
         shared = [client.scatter(x, broadcast=True) for x in (gallery_embeddings, np.asarray(gallery_labels))]
         yield from in_order(client, _worker_rows, jobs(), str(Path(args.model).resolve()), card["weights"]["sha256"],
-                            device, args.threads_per_worker, *shared, options)
+                            device, *shared, options)
 
 
 def run_model(args) -> tuple[list[CertifyResult], str, ResumableTSV | None]:
@@ -304,13 +303,15 @@ def run_model(args) -> tuple[list[CertifyResult], str, ResumableTSV | None]:
         "seed": args.seed, "alpha": alpha, "bound": args.bound, "top_k": args.top_k, "norm_bound": norm_bound,
         "radius_form": args.radius_form, "precision": args.precision, "device": backend.device.type,
         "batch_size": batch_size, "skip": args.skip or 1, "max": args.max, "certificate": args.certificate,
+        "candidates": args.candidates,
     }
     indices = range(0, min(len(queries), args.max or len(queries)), args.skip or 1)
     rows = ResumableTSV(args.out, settings, indices, queries.labels) if args.out else _MemoryRows()
     if rows.rows:
         print(f"minrr certify: resuming at row {len(rows.rows)} of {len(indices)} ({rows.partial})", file=sys.stderr)
     options = {key: settings[key] for key in ("sigma", "samples", "seed", "batch_size", "norm_bound", "alpha",
-                                              "bound", "top_k", "radius_form", "precision", "certificate")}
+                                              "bound", "top_k", "radius_form", "precision", "certificate",
+                                              "candidates")}
     try:
         gallery_embeddings = backend.embed(model, gallery.images, batch_size=batch_size, progress=True)
         todo = indices[len(rows.rows):]

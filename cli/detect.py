@@ -11,11 +11,11 @@ from minrr.cli.flags import flag_message
 from minrr.cli.outputs import Files
 from minrr.io import load_npy, load_npz, read_json
 
-# Copies of minrr.detect's constants, for --help, which must not import numba or scipy (minrr.detect
-# does); tests/test_cli_safety.py checks that they are equal.
-METHODS = ("joint", "bonferroni", "per-criterion")
-C3_FORMS = ("soft", "hard", "soft-l1")
-# UMCD and minrr.detection_baselines.DETECTORS (a copy, as above; tests/test_detection_baselines.py checks it).
+from minrr.options import C3_FORMS
+from minrr.options import CALIBRATION_METHODS as METHODS
+
+# UMCD and minrr.detection_baselines.DETECTORS: a copy, for --help, which must not import numba or scipy
+# (that module does); tests/test_detection_baselines.py checks that they are equal.
 DETECTOR_TYPES = ("umcd", "feature-squeezing", "fs-median", "fs-nlm", "fs-adaptive", "mean-blur", "lid")
 BASELINE_FORMAT = "minrr-baseline-detector"
 

@@ -212,12 +212,12 @@ def _plot_diagnostics(path: Path, rows: list) -> None:
     from minrr.io import atomic_path
 
     values = np.asarray(rows, dtype=float)
-    fig, axes = plt.subplots(2, 3, figsize=(11, 6), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(14, 6), constrained_layout=True)
     for ax, column in zip(axes.flat, range(1, len(DIAGNOSTICS))):
         ax.plot(values[:, 0], values[:, column], marker="o")
         ax.set_title(DIAGNOSTICS[column].replace("_", " "))
         ax.set_xlabel("epoch")
-        if DIAGNOSTICS[column] in ("collapseness", "separability"):
+        if DIAGNOSTICS[column] in ("collapseness", "separability", "train_separability"):
             ax.axhline(0.0, color="grey", linewidth=0.8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

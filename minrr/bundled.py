@@ -14,17 +14,15 @@ from .certify import CertifyResult, certify
 from .data import fashion_mnist_subset
 from .lda import fit_lda
 
-__all__ = ["DEFAULT_SIGMAS", "DEFAULT_SAMPLES", "DEFAULT_RADII", "run_bundled"]
+from .options import DEFAULT_CANDIDATES, DEFAULT_RADII, DEFAULT_SAMPLES, DEFAULT_SIGMAS
 
-DEFAULT_SIGMAS = (0.1, 0.25, 0.5, 1.0)
-DEFAULT_SAMPLES = 10_000
-DEFAULT_RADII = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
-"""Absolute l2 radii in pixel units (images in [0, 1], 784 pixels)."""
+__all__ = ["DEFAULT_SIGMAS", "DEFAULT_SAMPLES", "DEFAULT_RADII", "run_bundled"]
 
 
 def run_bundled(sigmas=DEFAULT_SIGMAS, *, n_samples: int = DEFAULT_SAMPLES, alpha: float = 1e-3,
                 bound: str = "empirical-bernstein", top_k: int = 1, radius_form: str = "phi",
-                seed: int = 0, progress=None, certificate: str = "halfspace") -> list[CertifyResult]:
+                seed: int = 0, progress=None, certificate: str = "halfspace",
+                candidates: int = DEFAULT_CANDIDATES) -> list[CertifyResult]:
     """Certify the bundled subset at each sigma; one :class:`CertifyResult` per sigma.
 
     ``progress``, if given, is called with each sigma before its work starts.
@@ -40,5 +38,6 @@ def run_bundled(sigmas=DEFAULT_SIGMAS, *, n_samples: int = DEFAULT_SAMPLES, alph
         estimate = model.smoothed_estimate(test, sigma, n_samples, seed=seed)
         results.append(certify(estimate, data["test_labels"], sigma=sigma, gallery=model.embed(train),
                                gallery_labels=data["train_labels"], alpha=alpha, bound=bound,
-                               top_k=top_k, radius_form=radius_form, certificate=certificate))
+                               top_k=top_k, radius_form=radius_form, certificate=certificate,
+                               candidates=candidates))
     return results

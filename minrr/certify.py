@@ -42,6 +42,7 @@ from .io import check_positive, check_probability
 from .labels import check_label_pair, check_labels
 from .halfspace import halfspace_radii
 from .margin import margins
+from .options import CERTIFICATES, DEFAULT_CANDIDATES
 from .radius import certified_radius
 from .smoothing import SmoothedEstimate, from_means, from_samples
 
@@ -49,10 +50,6 @@ __all__ = ["CERTIFICATES", "CertifyResult", "certify", "certify_model", "error_b
            "summarize", "default_radii"]
 
 UNIT_NORM_TOLERANCE = 1e-4
-CERTIFICATES = ("halfspace", "retrievalguard")
-"""Names accepted by :func:`certify`; the first is the default."""
-DEFAULT_CANDIDATES = 5
-"""Nearest relevant items tried as e+ by the halfspace certificate (REFERENCE section 1b measures 5)."""
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,14 @@ from . import hamming
 from .distance_models import HammingDistanceModel
 from .io import as_float_array, check_json_fingerprint, check_probability, json_fingerprint
 from .metrics.detection import check_adversarial_labels, detection_rates, roc_auc
+from .options import C3_FORMS, CALIBRATION_METHODS
 
 __all__ = ["CRITERIA", "C3_FORMS", "METHODS", "THREE_SIGMA", "binarize", "check_outputs",
            "hamming_criterion", "quantization_criterion", "inconsistency_criterion", "criteria",
            "check_scores", "allowed_false_positives", "benign_threshold", "Detector"]
 
 CRITERIA = ("c1", "c2", "c3")
-C3_FORMS = ("soft", "hard", "soft-l1")
-METHODS = ("joint", "bonferroni", "per-criterion")
+METHODS = CALIBRATION_METHODS
 THREE_SIGMA = float(special.erf(3 / np.sqrt(2)))  # 2 Phi(3) - 1 = 0.99730...
 # +1 where a large value is suspicious (C1, C3), -1 where a small one is (C2).
 _SUSPICIOUS_SIGN = np.array([1.0, -1.0, 1.0])

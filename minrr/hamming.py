@@ -600,9 +600,18 @@ def merge_top_k(distances: list, indices: list, k: int):
     distances : (n_queries, k) int32; indices : (n_queries, k) int64, ordered by
     (distance, index), the order of :func:`search` on the whole database.
     """
-    d = np.concatenate([np.asarray(part, dtype=np.int32) for part in distances], axis=1)
+    d = np.concatenate([np.asarray(part, dtype=np.int64) for part in distances], axis=1)
     i = np.concatenate([np.asarray(part, dtype=np.int64) for part in indices], axis=1)
     if not 1 <= k <= d.shape[1]:
         raise ValueError(f"k: expected 1 <= k <= {d.shape[1]} (the merged candidates), got {k}")
-    order = np.lexsort((i, d), axis=-1)[:, :k]
-    return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
+    if i.size and (i.min() < 0 or d.min() < 0):
+        raise ValueError("indices: expected non-negative distances and indices")
+    span = int(i.max()) + 1 if i.size else 1
+    if (int(d.max()) + 1) * span >= 1 << 63:  # no int64 key: sort by the pair
+        order = np.lexsort((i, d), axis=-1)[:, :k]
+        return np.take_along_axis(d, order, axis=1).astype(np.int32), np.take_along_axis(i, order, axis=1)
+    keys = d * span + i  # one int64 key per candidate, in (distance, index) order
+    if k < keys.shape[1]:
+        keys = np.partition(keys, k - 1, axis=1)[:, :k]
+    keys.sort(axis=1)
+    return (keys // span).astype(np.int32), keys % span

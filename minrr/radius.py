@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erfinv, ndtr
 
-__all__ = ["RADIUS_FORMS", "certified_radius", "lipschitz_bound"]
+from .options import RADIUS_FORMS
 
-RADIUS_FORMS = ("phi", "linear")
+__all__ = ["RADIUS_FORMS", "certified_radius", "lipschitz_bound"]
 
 
 def certified_radius(margin_lower, sigma: float, norm_bound: float, form: str = "phi") -> np.ndarray:

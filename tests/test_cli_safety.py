@@ -570,16 +570,6 @@ def test_the_parser_imports_nothing_heavy():
     assert out.stdout.strip() == ""
 
 
-def test_parser_constants_equal_the_library_s():
-    from minrr import bundled, radius
-    from minrr import detect as library_detect
-    from minrr.cli import certify, detect
-
-    assert (certify.DEFAULT_SIGMAS, certify.DEFAULT_SAMPLES, certify.DEFAULT_RADII, certify.RADIUS_FORMS) == \
-           (bundled.DEFAULT_SIGMAS, bundled.DEFAULT_SAMPLES, bundled.DEFAULT_RADII, radius.RADIUS_FORMS)
-    assert (detect.METHODS, detect.C3_FORMS) == (library_detect.METHODS, library_detect.C3_FORMS)
-
-
 def test_search_k_is_an_alias_of_top_k(work, tmp_path):
     argv = ["search", "--database", str(work / "db.npy"), "--queries", str(work / "q.npy")]
     assert main(argv + ["--k", "3", "--out", str(tmp_path / "a.npz")]) == 0

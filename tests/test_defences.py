@@ -211,28 +211,28 @@ def test_every_defence_trains_deterministically(fashion, task, defense):
     assert not all(torch.equal(u, v) for u, v in zip(runs[0][0], _weights(tiny(head))))
 
 
-def test_naive_at_heads_for_collapse_and_colo_tride_does_not(fashion):
-    """Fashion-MNIST, small CNN, a strong training adversary (eps 128/255), three epochs.
+def test_naive_at_collapses_and_colo_tride_does_not(fashion):
+    """Fashion-MNIST, small CNN, an adversary of eps 32/255 (4 steps of 8/255), four epochs.
 
-    Naive AT loses to its adversary (training loss above the margin 0.2, the loss of a fully
-    collapsed model, so training drives towards collapse): its held-out embeddings shrink and
-    separate worse. COLO-TRIDE's loss stays under the margin, its spread grows and it keeps
-    more separability. (At this size naive AT's separability falls to 0.25-0.41 over seeds
-    0-2, not all the way to 0; COLO-TRIDE's stays 0.16 above it.)
+    Read from the logged diagnostics, as COLO-TRIDE's Fig. 3: the separability of the
+    minibatches the model is trained on starts negative under naive AT and rises to about 0
+    (entangled triplets, the collapse), while COLO-TRIDE's stays positive; naive AT's held-out
+    embeddings also shrink. (Seeds 0-2 at these settings: naive -0.27..0.004 with the last
+    epoch within 0.07 of 0, COLO-TRIDE 0.065..0.32.)
     """
     images, labels, test_images, test_labels = fashion
     rows = {}
     for defense in ("naive", "colo-tride"):
-        settings = dfn.defence_settings("dml", defense, attack_eps=128 / 255, attack_alpha=32 / 255, attack_steps=3)
-        state = dfn.fit(tiny(dim=16, seed=0), images[:256], labels[:256], task="dml", defense=defense,
-                        settings=settings, epochs=3, batch_size=64, lr=3e-3, seed=0,
+        settings = dfn.defence_settings("dml", defense, attack_eps=32 / 255, attack_alpha=8 / 255, attack_steps=4)
+        state = dfn.fit(tiny(dim=16, seed=0), images[:512], labels[:512], task="dml", defense=defense,
+                        settings=settings, epochs=4, batch_size=64, lr=3e-3, seed=0,
                         held_out=(test_images, test_labels), backend=CPU)
-        rows[defense] = dict(zip(dfn.DIAGNOSTICS, state.diagnostics[-1]))
-    naive, colo = rows["naive"], rows["colo-tride"]
-    assert naive["loss"] > 0.25 and colo["loss"] < 0.2
-    assert colo["mean_pairwise_distance"] > 1.6 * naive["mean_pairwise_distance"]
-    assert colo["separability"] > naive["separability"] + 0.1
-    assert colo["collapseness"] < naive["collapseness"] < 0
+        rows[defense] = [dict(zip(dfn.DIAGNOSTICS, row)) for row in state.diagnostics]
+    naive = np.array([row["train_separability"] for row in rows["naive"]])
+    colo = np.array([row["train_separability"] for row in rows["colo-tride"]])
+    assert naive[0] < 0 and naive.max() < 0.05 and abs(naive[-1]) < 0.1
+    assert colo.min() > 0.05 and np.all(colo > naive + 0.05)
+    assert rows["colo-tride"][-1]["mean_pairwise_distance"] > 1.5 * rows["naive"][-1]["mean_pairwise_distance"]
 
 
 def test_freeat_replays_each_batch_and_keeps_the_perturbation(fashion):

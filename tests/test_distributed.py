@@ -105,3 +105,12 @@ def test_minrr_search_over_a_folder_of_shards(tmp_path, capsys):
     np.save(folder / "shard-00003.npy", np.ones((0, 24), np.int8))
     assert main(["search", "--database", str(folder), *common]) == 1
     assert "--database: shard shard-00003.npy holds shape (0, 24)" in capsys.readouterr().err
+
+
+def test_merge_top_k_orders_by_distance_then_index_even_without_a_packed_key():
+    d = [np.array([[3, 5]]), np.array([[3, 4]])]
+    for offset in (0, 1 << 50):  # the second cannot pack (distance, index) into one int64
+        i = [np.array([[7, 2]]) + offset, np.array([[1, 9]]) + offset]
+        got_d, got_i = hamming.merge_top_k(d, i, 3)
+        np.testing.assert_array_equal(got_d, [[3, 3, 4]])
+        np.testing.assert_array_equal(got_i - offset, [[1, 7, 9]])

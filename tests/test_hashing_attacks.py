@@ -51,7 +51,7 @@ def _map(setup, adv, labels=None):
     with torch.no_grad():
         f = setup["model"](adv).numpy()
     labels = setup["labels"] if labels is None else labels
-    return hamming_map(setup["db_codes"], np.where(f >= 0, 1, -1), setup["db_labels"], labels)
+    return hamming_map(np.where(f >= 0, 1, -1), setup["db_codes"], labels, setup["db_labels"])
 
 
 def _in_ball_and_box(adv, x, eps):

@@ -108,9 +108,9 @@ def test_hamming_map_matches_argsort_implementation(seed, n, n_bits, k, multi):
     query_labels = _labels(rng, 9, 3, multi)
     k = None if k is None else min(k, n)
     expected = _argsort_map(database, queries, database_labels, query_labels, k or n)
-    assert hashing.hamming_map(database, queries, database_labels, query_labels, k) == pytest.approx(expected)
-    packed = (np.packbits(database > 0, axis=1), np.packbits(queries > 0, axis=1))
-    got = hashing.hamming_map(*packed, database_labels, query_labels, k, packed=True)
+    assert hashing.hamming_map(queries, database, query_labels, database_labels, k) == pytest.approx(expected)
+    packed = (np.packbits(queries > 0, axis=1), np.packbits(database > 0, axis=1))
+    got = hashing.hamming_map(*packed, query_labels, database_labels, k, packed=True)
     assert got == pytest.approx(expected)
     _, retrieved = hamming.search(queries, database, k or n)
     assert hashing.map_at_k(retrieved, query_labels, database_labels) == pytest.approx(expected)
@@ -145,10 +145,10 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="variant: expected one of deephash, dhta"):
         hashing.map_at_k(retrieved, [0], [0, 1], variant="csq")
     with pytest.raises(ValueError, match="database_labels: 3 labels for 2 items"):
-        hashing.hamming_map(np.ones((2, 8)), np.ones((1, 8)), [0, 1, 2], [0])
+        hashing.hamming_map(np.ones((1, 8)), np.ones((2, 8)), [0], [0, 1, 2])
     with pytest.raises(ValueError, match="query_codes: codes of 7 bits, but the database codes have 8"):
-        hashing.hamming_map(np.ones((2, 8)), np.ones((1, 7)), [0, 1], [0])
+        hashing.hamming_map(np.ones((1, 7)), np.ones((2, 8)), [0], [0, 1])
     with pytest.raises(ValueError, match="database_codes: code values must be"):
-        hashing.hamming_map(np.full((2, 8), 3), np.ones((1, 8)), [0, 1], [0])
+        hashing.hamming_map(np.ones((1, 8)), np.full((2, 8), 3), [0], [0, 1])
     with pytest.raises(ValueError, match="k: expected 1 <= k <= 2"):
-        hashing.hamming_map(np.ones((2, 8)), np.ones((1, 8)), [0, 1], [0], k=3)
+        hashing.hamming_map(np.ones((1, 8)), np.ones((2, 8)), [0], [0, 1], k=3)

@@ -12,12 +12,15 @@ def test_core_numpy_backend_and_cli_import_no_optional_framework():
         "import minrr.distance_models, minrr.hash_centers, minrr.scores, minrr.data.loaders\n"
         "import minrr.metrics.hashing, minrr.metrics.retrieval, minrr.metrics.clustering\n"
         "import minrr.metrics.detection, minrr.backends, minrr.backends.base, minrr.backends.numpy_backend\n"
+        "import minrr.halfspace, minrr.collapse, minrr.detection_baselines, minrr.options, minrr.progress\n"
+        "import minrr.metrics.report, minrr.io, minrr.labels\n"
         "import minrr.cli.main\n"
         "minrr.cli.main.build_parser()\n"
         "b = minrr.backends.get_backend('numpy')\n"
         "b.sample_noisy(lambda x: x.reshape(len(x), -1), np.zeros((1, 2)), 0.5, 4)\n"
         "assert not minrr.backends.is_torch_tensor(np.zeros(1))\n"
-        "print(','.join(m for m in ('torch', 'matplotlib', 'faiss', 'sklearn') if m in sys.modules))"
+        "print(','.join(m for m in ('torch', 'matplotlib', 'faiss', 'sklearn', 'dask', 'distributed')\n"
+        "               if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

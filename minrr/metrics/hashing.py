@@ -173,19 +173,21 @@ def precision_recall_curve(retrieved, query_labels, database_labels):
     return precision, recall
 
 
-def hamming_map(database_codes, query_codes, database_labels, query_labels, k: int | None = None, *,
+def hamming_map(query_codes, database_codes, query_labels, database_labels, k: int | None = None, *,
                 packed: bool = False, variant: str = "deephash") -> float:
     """mAP@k of the Hamming ranking of codes (k = None: the whole database, mAP@all).
 
     Unpacked codes are packed once; queries are then ranked in batches of about
     ``2**22 / k``, so memory stays bounded whatever the number of queries.
 
+    Queries come first, as in :func:`minrr.hamming.search` (and ``faiss.knn(xq, xb, k)``).
+
     Parameters
     ----------
-    database_codes : (N, K) codes, or packed (see :mod:`minrr.hamming`)
-    query_codes : (n_queries, K) codes in the same layout
-    database_labels : (N,) int or (N, C) multi-hot
+    query_codes : (n_queries, K) codes, or packed (see :mod:`minrr.hamming`)
+    database_codes : (N, K) codes in the same layout
     query_labels : (n_queries,) int or (n_queries, C) multi-hot
+    database_labels : (N,) int or (N, C) multi-hot
     k : int or None
     packed, variant : as in :func:`minrr.hamming.search` and :func:`map_at_k`
 

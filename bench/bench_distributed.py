@@ -1,0 +1,127 @@
+"""Overhead of the Dask path against one process at the same total thread count (issue 11).
+
+Two jobs, each timed both ways, alternating, best of ``--rounds``:
+
+* ``certify --model``: a small CNN (``minrr train``'s default, width 32) certifying ``--queries``
+  Fashion-MNIST test images with ``--samples`` noisy copies each. One process with torch on
+  2 threads against a local cluster of 2 workers x 1 thread (``--workers 2``), cluster start
+  included. The rows are checked equal (all columns but ``time``).
+* Hamming search: 20,000 queries x 1,000,000 codes of 64 bits, k = 100 (a job of seconds: Dask
+  spends milliseconds on each task, which a 0.1 s job would mostly measure). One process with Numba
+  on 2 threads over one file against 4 shards on 2 workers x 1 Numba thread. Results checked
+  equal.
+
+Run: ``python bench/bench_distributed.py`` (about 5 minutes on 2 cores); writes
+``bench/results/distributed.md`` with the machine. Target: overhead at most 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from machine import describe
+
+
+def _quiet(function, *args):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return function(*args)
+
+
+def _rows(path: Path) -> list[str]:
+    return ["\t".join(line.split("\t")[:-1]) for line in path.read_text().splitlines()]
+
+
+def bench_certify(root: Path, queries: int, samples: int, rounds: int) -> dict:
+    import torch
+
+    from minrr.cli.main import main
+
+    torch.set_num_threads(2)
+    model = root / "m.pt"
+    assert _quiet(main, ["train", "--task", "dml", "--epochs", "1", "--out", str(model), "--device", "cpu"]) == 0
+    common = ["certify", "--model", str(model), "--data", "bundled:test", "--sigma", "0.25", "--samples", str(samples),
+              "--max", str(queries), "--device", "cpu"]
+    times = {"one process": [], "dask": []}
+    for r in range(rounds):
+        for name, extra in (("one process", []), ("dask", ["--workers", "2", "--chunk-size", "4"])):
+            out = root / f"{name.replace(' ', '-')}-{r}.tsv"
+            started = time.perf_counter()
+            assert _quiet(main, [*common, "--out", str(out), *extra]) == 0
+            times[name].append(time.perf_counter() - started)
+    assert _rows(root / "one-process-0.tsv") == _rows(root / "dask-0.tsv")
+    return {name: min(values) for name, values in times.items()}
+
+
+def bench_search(root: Path, n_queries: int, rounds: int) -> dict:
+    import numba
+
+    from minrr import hamming
+    from minrr.backends.distributed import connect, search_shards
+
+    rng = np.random.default_rng(0)
+    database = rng.integers(0, 256, size=(1_000_000, 8), dtype=np.uint8)
+    queries = rng.integers(0, 256, size=(n_queries, 8), dtype=np.uint8)
+    folder = root / "shards"
+    folder.mkdir()
+    for s in range(4):
+        np.save(folder / f"shard-{s:05d}.npy", database[s * 250_000:(s + 1) * 250_000])
+    np.save(root / "db.npy", database)
+    shards = sorted(folder.glob("*.npy"))
+    numba.set_num_threads(2)
+    times = {"one process": [], "dask": []}
+    with connect(workers=2) as client:
+        expected = hamming.search(queries, np.load(root / "db.npy", mmap_mode="r"), 100, packed=True)
+        got = search_shards(client, shards, queries, 100, packed=True)  # warm-up (compiles on the workers)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+        for _ in range(rounds):
+            started = time.perf_counter()
+            hamming.search(queries, np.load(root / "db.npy", mmap_mode="r"), 100, packed=True)
+            times["one process"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            search_shards(client, shards, queries, 100, packed=True)
+            times["dask"].append(time.perf_counter() - started)
+    return {name: min(values) for name, values in times.items()}
+
+
+def main() -> None:
+    import distributed
+    import numba
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=48)
+    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--search-queries", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "distributed.md"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        certify = bench_certify(Path(tmp), args.queries, args.samples, args.rounds)
+        search = bench_search(Path(tmp), args.search_queries, args.rounds)
+    lines = ["# Dask path against one process (`bench/bench_distributed.py`)", "",
+             f"Command: `python bench/bench_distributed.py --queries {args.queries} --samples {args.samples} "
+             f"--search-queries {args.search_queries} --rounds {args.rounds}`", "",
+             f"Machine: {describe(np, torch, numba, distributed)}", "",
+             "Same total thread count both ways (2): one process on 2 threads against a local cluster of "
+             "2 worker processes x 1 thread, cluster start included for certify. Best of the rounds, the two "
+             "ways alternating. Results checked equal (certify: every column but `time`).", "",
+             "| job | one process (s) | Dask (s) | overhead |", "|---|---:|---:|---:|"]
+    for name, result in ((f"certify --model, {args.queries} queries x {args.samples} draws, small-cnn", certify),
+                         (f"Hamming search, {args.search_queries:,} x 1,000,000 x 64 bits, k = 100, 4 shards",
+                          search)):
+        overhead = result["dask"] / result["one process"] - 1
+        lines.append(f"| {name} | {result['one process']:.2f} | {result['dask']:.2f} | {100 * overhead:+.1f}% |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
