@@ -30,7 +30,8 @@ from scipy import special
 
 from . import hamming
 from .distance_models import HammingDistanceModel
-from .io import as_float_array, check_json_fingerprint, check_probability, json_fingerprint
+from .io import (as_float_array, check_document, check_json_fingerprint, check_probability, json_fingerprint,
+                 parse_json)
 from .metrics.detection import check_adversarial_labels, detection_rates, roc_auc
 from .options import C3_FORMS, CALIBRATION_METHODS
 
@@ -424,20 +425,13 @@ class Detector:
         """Rebuild a detector from :meth:`to_json` text; it refits on the stored benign scores
         and refuses a file whose thresholds do not follow from them, or that was edited in any
         other way (its ``fingerprint``, :func:`minrr.io.json_fingerprint`, does not match)."""
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise ValueError(f"detector: {' '.join(str(exc).split()) or 'nested too deeply'}") from None
-        return cls.from_dict(doc)
+        return cls.from_dict(parse_json(text, name="detector"))
 
     @classmethod
     def from_dict(cls, doc) -> Detector:
         """:meth:`from_json` of the parsed JSON document (e.g. from :func:`minrr.io.read_json`)."""
+        check_document(doc, name="detector", format=_FORMAT, version=_VERSION)
         try:
-            if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-                raise ValueError(f"not a {_FORMAT} JSON document")
-            if doc.get("version") != _VERSION:
-                raise ValueError(f"version {doc.get('version')!r}, this minrr reads version {_VERSION}")
             model = doc["c1_model"]
             detector = cls(fpr=doc["fpr"], method=doc["method"], top_k=doc["top_k"], c3=doc["c3"],
                            c1_model=None if model is None else HammingDistanceModel(**model),

@@ -54,7 +54,8 @@ from scipy.spatial.distance import cdist
 
 from . import transforms
 from .detect import allowed_false_positives, benign_threshold
-from .io import as_float_array, check_json_fingerprint, check_probability, json_fingerprint
+from .io import (as_float_array, check_document, check_json_fingerprint, check_probability, json_fingerprint,
+                 parse_json)
 from .metrics.detection import check_adversarial_labels, detection_rates, roc_auc
 
 __all__ = ["OUTPUT_TRANSFORMS", "INPUTS", "DETECTORS", "LID_K", "LID_REFERENCE_SIZE", "transformed_outputs",
@@ -318,20 +319,13 @@ class BaselineDetector:
         """Rebuild a detector from :meth:`to_json` text; it refits on the stored benign scores
         and refuses a file whose threshold does not follow from them, or that was edited in any
         other way (its ``fingerprint`` does not match)."""
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise ValueError(f"detector: {' '.join(str(exc).split()) or 'nested too deeply'}") from None
-        return cls.from_dict(doc)
+        return cls.from_dict(parse_json(text, name="detector"))
 
     @classmethod
     def from_dict(cls, doc) -> BaselineDetector:
         """:meth:`from_json` of the parsed JSON document (e.g. from :func:`minrr.io.read_json`)."""
+        check_document(doc, name="detector", format=_FORMAT, version=_VERSION)
         try:
-            if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-                raise ValueError(f"not a {_FORMAT} JSON document")
-            if doc.get("version") != _VERSION:
-                raise ValueError(f"version {doc.get('version')!r}, this minrr reads version {_VERSION}")
             detector = cls(doc["detector"], fpr=doc["fpr"], k=doc["k"], reference=doc["reference"])
             detector.fit(doc["benign_scores"])
         except (KeyError, TypeError, ValueError, OverflowError) as exc:

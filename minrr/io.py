@@ -179,14 +179,28 @@ def read_json(path, *, name: str | None = None, max_bytes: int = MAX_JSON_BYTES)
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"{where}: larger than {max_bytes >> 20} MiB; not a JSON file minrr reads")
+    return parse_json(data, name=where)
+
+
+def parse_json(text, *, name: str):
+    """The JSON document in ``text`` (str, or UTF-8 bytes); invalid UTF-8, invalid JSON and
+    nesting too deep for the parser raise ``ValueError`` starting with ``name``."""
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{where}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+        raise ValueError(f"{name}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise ValueError(f"{name}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except RecursionError:
-        raise ValueError(f"{where}: JSON nested too deeply") from None
+        raise ValueError(f"{name}: JSON nested too deeply") from None
+
+
+def check_document(document, *, name: str, format: str, version: int) -> None:
+    """Refuse anything but a JSON object whose ``format`` and ``version`` are the given ones."""
+    if not isinstance(document, dict) or document.get("format") != format:
+        raise ValueError(f"{name}: not a {format} JSON document")
+    if document.get("version") != version:
+        raise ValueError(f"{name}: version {document.get('version')!r}, this minrr reads version {version}")
 
 
 def json_fingerprint(document: dict) -> str:

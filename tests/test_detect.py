@@ -213,7 +213,7 @@ def test_json_that_does_not_follow_from_its_benign_scores_is_refused():
     doc["thresholds"]["c2"] += 1.0
     with pytest.raises(ValueError, match="detector: the stored thresholds do not follow"):
         Detector.from_json(json.dumps(doc))
-    for broken, message in [("{", "detector: Expecting"), ("[]", "detector: not a minrr-detector"),
+    for broken, message in [("{", "detector: not valid JSON .line 1, column 2: Expecting"), ("[]", "detector: not a minrr-detector"),
                             (json.dumps({**doc, "version": 9}), "detector: version 9"),
                             (json.dumps({k: v for k, v in doc.items() if k != "fpr"}), "detector: 'fpr'"),
                             (json.dumps({**doc, "method": "vote"}), "detector: method: expected one of")]:

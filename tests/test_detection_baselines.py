@@ -225,7 +225,8 @@ def test_tampered_json_is_refused():
             BaselineDetector.from_json(json.dumps({**doc, key: value}))
     with pytest.raises(ValueError, match="detector: the file has no fingerprint"):
         BaselineDetector.from_json(json.dumps({k: v for k, v in doc.items() if k != "fingerprint"}))
-    for broken, message in [("{", "detector: Expecting"), ("[]", "detector: not a minrr-baseline-detector"),
+    for broken, message in [("{", "detector: not valid JSON .line 1, column 2: Expecting"),
+                            ("[]", "detector: not a minrr-baseline-detector"),
                             (json.dumps({**doc, "version": 9}), "detector: version 9"),
                             (json.dumps({k: v for k, v in doc.items() if k != "k"}), "detector: 'k'"),
                             (json.dumps({**doc, "detector": "vote"}), "detector: detector: expected one of"),
