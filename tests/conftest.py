@@ -31,3 +31,19 @@ def act_cub_record():
             {"attack": "GTT", "retained": 0.01, "params": {"eps": 8 / 255, "steps": 32}},
         ],
     }
+
+
+def interrupt_after(monkeypatch, calls):
+    """Make ``TorchBackend.sample_noisy`` raise KeyboardInterrupt after ``calls`` calls (a Ctrl-C
+    in the middle of ``minrr certify --model``)."""
+    from minrr.backends.torch_backend import TorchBackend
+
+    real, count = TorchBackend.sample_noisy, {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TorchBackend, "sample_noisy", flaky)

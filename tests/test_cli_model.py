@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from conftest import interrupt_after
 from minrr.cli.main import main
 from minrr.data import fashion_mnist_subset
 
@@ -93,31 +94,18 @@ def test_certify_from_a_model_equals_the_library(work, capsys):
     assert not (work / "full.tsv.partial").exists()
 
 
-def _interrupt_after(monkeypatch, calls):
-    real = TorchBackend.sample_noisy
-    count = {"n": 0}
-
-    def flaky(self, *args, **kwargs):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(TorchBackend, "sample_noisy", flaky)
-
-
 def test_an_interrupted_run_resumes_to_the_same_file(work, monkeypatch, capsys):
     reference, out = work / "reference.tsv", work / "resumed.tsv"
     assert _certify(work, reference) == 0
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 3)
+        interrupt_after(patch, 3)
         assert _certify(work, out) == 130
     partial = work / "resumed.tsv.partial"
     assert not out.exists() and len(partial.read_text().splitlines()) == 2 + 3
     with open(partial, "a") as fh:
         fh.write("3\t0\t0")  # a row cut short by the interruption
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 1)
+        interrupt_after(patch, 1)
         assert _certify(work, out) == 130
     assert len(partial.read_text().splitlines()) == 2 + 4
     assert _certify(work, out) == 0
@@ -137,7 +125,7 @@ def test_a_dask_cluster_writes_the_rows_of_one_process(work, monkeypatch):
         assert _without_time(out.read_text()) == _without_time(reference.read_text())
     out = work / "dask-resumed.tsv"  # a run interrupted after 2 rows, resumed on the cluster
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
+        interrupt_after(patch, 2)
         assert _certify(work, out) == 130
     assert _certify(work, out, "--workers", "2", "--chunk-size", "3") == 0
     assert _without_time(out.read_text()) == _without_time(reference.read_text())
@@ -155,7 +143,7 @@ def test_skip_and_max_select_queries_as_cohen_et_al(work):
 def test_resuming_with_other_settings_is_refused(work, monkeypatch, capsys):
     out = work / "other.tsv"
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
+        interrupt_after(patch, 2)
         assert _certify(work, out) == 130
     before = (work / "other.tsv.partial").read_text()
     capsys.readouterr()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import act_cub_record
+from conftest import act_cub_record, interrupt_after
 from minrr.cli.main import main
 from minrr.cli.outputs import Files, same_file
 from minrr.io import atomic_paths, load_npy
@@ -456,20 +456,6 @@ def _npz_images(path, size):
 
 # -- resuming certify --model: every row checked, the partial file kept ---------------------
 
-def _interrupt_after(monkeypatch, calls):
-    from minrr.backends.torch_backend import TorchBackend
-
-    real, count = TorchBackend.sample_noisy, {"n": 0}
-
-    def flaky(self, *args, **kwargs):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(TorchBackend, "sample_noisy", flaky)
-
-
 def _edit_row(k, column, value):
     def edit(lines, full):
         header = lines[1].split("\t")
@@ -503,7 +489,7 @@ def test_a_damaged_partial_file_is_refused_and_kept(work, tmp_path, capsys, monk
     out = tmp_path / "r.tsv"
     argv = _certify_model(work) + ["--out", out]
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
+        interrupt_after(patch, 2)
         assert main([str(a) for a in argv]) == 130
     partial = tmp_path / "r.tsv.partial"
     good = partial.read_text().splitlines()
@@ -525,7 +511,7 @@ def test_the_partial_file_is_kept_until_the_final_file_is_in_place(work, tmp_pat
     out = tmp_path / "r.tsv"
     argv = _certify_model(work) + ["--out", out, "--json", tmp_path / "s.json"]
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
+        interrupt_after(patch, 2)
         assert main([str(a) for a in argv]) == 130
     real = Path.write_text
 

@@ -136,14 +136,20 @@ def _prepare(embeddings, labels, gallery, gallery_labels, exclude, block_bytes) 
     return _Ranking(queries, g, q_keys, g_keys, multi, _EXCLUDE_MODES[exclude])
 
 
-@numba.njit(inline="always", cache=True)
-def _exact_squared_distance(a, b):
-    """``sum_k (a[k] - b[k])**2`` in float64, summed over k in order: the distance that ranks."""
+def _squared_distance(a, b):
+    """``sum_k (a[k] - b[k])**2`` in float64."""
     acc = 0.0
     for k in range(a.shape[0]):
         diff = np.float64(a[k]) - np.float64(b[k])
         acc += diff * diff
     return acc
+
+
+_exact_squared_distance = numba.njit(inline="always", cache=True)(_squared_distance)
+"""Summed over k in order: the distance that ranks."""
+_approximate_squared_distance = numba.njit(fastmath=True, cache=True)(_squared_distance)
+"""Summed in any order (vectorised): within ``tolerance / 2`` of the exact one. Not inlined: its
+callers are not fastmath."""
 
 
 @numba.njit(nogil=True, cache=True)
@@ -156,16 +162,6 @@ def _relevant_counts(q_ids, q_keys, g_keys, multi, members, lo, hi, skip_self, n
             if not (skip_self and j == query) and same_label(q_keys[query], g_keys[j], multi):
                 count += 1
         n_relevant[a] = count
-
-
-@numba.njit(fastmath=True, cache=True)  # not inlined: the caller is not fastmath
-def _approximate_squared_distance(a, b):
-    """``sum_k (a[k] - b[k])**2`` in float64 in any order (vectorised): within ``tolerance / 2`` of the exact one."""
-    acc = 0.0
-    for k in range(a.shape[0]):
-        diff = np.float64(a[k]) - np.float64(b[k])
-        acc += diff * diff
-    return acc
 
 
 @numba.njit(nogil=True, cache=True)
