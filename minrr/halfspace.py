@@ -19,9 +19,11 @@ float32 cast of an exact gallery) shift the threshold ``c`` by
 ``(eps+ + eps-) (2F + ||e+|| + ||e-||) / (2 ||e- - e+||)``. The float32 GEMM's
 rounding is bounded (Higham) and taken off ``t_j`` and added to ``p_j``.
 
-Cost: the products of the queries and of their candidates e+ with the
-gallery, blocked over the gallery, so memory does not depend on its size;
-the RetrievalGuard margins of :mod:`minrr.margin` come out of the same pass.
+Cost: one GEMM of the queries with the gallery, blocked over the gallery
+(so memory does not depend on its size) and reduced while each block is in
+cache; ``||e- - e+||`` needs ``e+.e-`` only for the pairs that pass the
+screens below, so it is a dot product per such pair, not a second GEMM.
+The RetrievalGuard margins of :mod:`minrr.margin` come out of the same pass.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ import numpy as np
 
 from .labels import label_keys, same_label
 from .margin import (GALLERY_CHUNK, QUERY_BLOCK, BlockState, Margins, cast_error, check_inputs, distance_allowance,
-                     embedding_scale, fold_distance, gamma, load_rows, max_norm, squared_norms, underflow_allowance)
+                     fold_distance, gamma, in_threads, load_rows, query_blocks, scale_and_norms, thread_count,
+                     underflow_allowance)
 
 __all__ = ["HalfspaceRadii", "halfspace_radii", "pair_radius", "ndtri"]
 
-PAIR_ROWS = 2048
-"""Rows of the pair pass's GEMM: ``2048 // (1 + candidates)`` queries and their candidates e+."""
-
 UNIT64 = 2.0 ** -53
+SCREEN_RUN = 128
+"""Items whose distances are screened together, in one SIMD loop, before any is looked at alone."""
 NDTRI_ERROR = 4e-15
 """Bound on ``|ndtri(p) - Phi^-1(p)| / (1 + |Phi^-1(p)|)`` (measured 4.4e-16 against scipy), taken off each radius."""
 
@@ -110,11 +112,25 @@ def pair_radius(t, p, sigma):
     return max(0.0, sigma * (a - b - NDTRI_ERROR * (2.0 + abs(a) + abs(b))))
 
 
+@numba.njit(cache=True, fastmath={"reassoc", "contract"})
+def _dot(x, y):
+    """``x.y`` of two vectors, summed in float64 in any order (SIMD).
+
+    The products of float32 values are exact in float64, and any summation
+    order stays within Higham's ``gamma_dim`` of the exact value, the
+    allowance :func:`_pair_bounds` takes for a GEMM's product.
+    """
+    total = 0.0
+    for d in range(x.shape[0]):
+        total += np.float64(x[d]) * np.float64(y[d])
+    return total
+
+
 @numba.njit(cache=True)
 def _pair_bounds(dot_qe, dot_pe, qs, qn, ps, pn, w_qp, gs, gn, eps_pair, eps_q, f, gam, tiny, gam64):
     """``(t_low, p_high)`` of one pair from float32 (or float64) products, all rounding taken off.
 
-    dot_qe = q.e-, dot_pe = e+.e- from the GEMM; qs, ps, gs squared norms and
+    dot_qe = q.e- from the GEMM, dot_pe = e+.e- (:func:`_dot`); qs, ps, gs squared norms and
     qn, pn, gn norms of q, e+, e-; w_qp = q.e+ in float64; eps_pair =
     eps+ + eps- (gallery errors); eps_q the query's; f = F; gam, tiny the
     GEMM's relative and underflow allowances; gam64 that of the float64
@@ -139,13 +155,13 @@ def _pair_bounds(dot_qe, dot_pe, qs, qn, ps, pn, w_qp, gs, gn, eps_pair, eps_q, 
     return t_low, p_high
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _nearest_relevant_chunk(dots, q_sq, g_sq, q_rows, g_rows, q_keys, g_keys, multi, check_labels, exclude_self,
                             best_sq, best_idx):
     """Keep, per query row, the ``c`` smallest squared distances to relevant items (ascending, index order ties)."""
     bq, mc = dots.shape
     c = best_sq.shape[1]
-    for r in range(bq):  # serial: the label groups' blocks are small, a parallel launch would cost more
+    for r in range(bq):
         row = q_rows[r]
         for col in range(mc):
             j = g_rows[col]
@@ -184,6 +200,15 @@ def _distance_screen(gap, f, eps_q, eps_shift, near, allowance):
 
 
 @numba.njit(inline="always", cache=True)
+def _count_within(dots, g_sq, q_sq, limit):
+    """How many of the squared distances ``q_sq + g_sq - 2 dots`` are at most ``limit`` (a SIMD loop)."""
+    count = 0
+    for col in range(dots.shape[0]):
+        count += (q_sq + g_sq[col] - 2.0 * dots[col]) <= limit
+    return count
+
+
+@numba.njit(inline="always", cache=True)
 def _skip_limit(r, with_slack, same_sq, other_sq, screen):
     """Squared distance above which an item changes nothing for query row ``r`` (inf with per-item slack)."""
     if with_slack:
@@ -194,50 +219,62 @@ def _skip_limit(r, with_slack, same_sq, other_sq, screen):
     return limit
 
 
-@numba.njit(parallel=True, cache=True)
-def _halfspace_chunk(dots, bq, q_sq, q_norm, eps_q, q_keys, q_start, cand_sq, cand_norm, cand_dot, cand_eps,
-                     cand_near, cand_shift, g_sq, g_norm, g_err, g_slack, g_keys, multi, g_start, exclude_self, f,
-                     sigma, gam, tiny, gam64, with_slack, allowance, radii, gap, screen, same_sq, same_idx, other_sq,
-                     other_idx, same_hi, other_lo):
+@numba.njit(nogil=True, cache=True)
+def _halfspace_chunk(dots, g_chunk, cand_vec, q_sq, q_norm, eps_q, q_keys, q_start, cand_sq, cand_norm, cand_dot,
+                     cand_eps, cand_near, cand_shift, g_sq, g_norm, g_err, g_slack, g_keys, multi, g_start,
+                     exclude_self, f, sigma, gam, tiny, gam64, with_slack, allowance, radii, gap, screen, same_sq,
+                     same_idx, other_sq, other_idx, same_hi, other_lo):
     """Fold one gallery chunk into the margins and the k smallest pair radii of every (query, candidate).
 
-    ``dots`` is ``((1 + c) bq, mc)``: the queries' products, then those of
-    each candidate e+ (rows ``bq (1 + i) + r``). ``radii[r, i]`` holds the k
-    smallest ``r_j`` so far, R. A pair whose gap ``w = t - p`` exceeds
+    ``dots`` is the ``(bq, mc)`` GEMM of the query block with ``g_chunk``
+    (``(mc, dim)``, as the GEMM saw it); ``cand_vec`` ``(bq, c, dim)`` holds
+    each row's candidates e+. ``radii[r, i]`` holds the k smallest ``r_j``
+    so far, R. A pair whose gap ``w = t - p`` exceeds
     ``gap[r, i] = 2 Phi(R / 2 sigma) - 1`` has ``r_j >= 2 sigma Phi^-1((1 + w) / 2) > R``
     (the bound behind the dominance over RetrievalGuard) and is skipped; so is an
     item farther than ``screen[r, i]`` (squared distance, :func:`_distance_screen`).
+    Runs of ``SCREEN_RUN`` items are first screened together (:func:`_count_within`).
     """
-    mc = dots.shape[1]
+    bq, mc = dots.shape
     n_cand = cand_sq.shape[1]
     k = radii.shape[2]
-    for r in numba.prange(bq):
+    for r in range(bq):
         i = q_start + r
+        qs = q_sq[r]
         limit = _skip_limit(r, with_slack, same_sq, other_sq, screen)
-        for col in range(mc):
-            s = q_sq[r] + g_sq[col] - 2.0 * dots[r, col]
-            if s > limit:  # changes neither the margins nor any pair radius
+        for start in range(0, mc, SCREEN_RUN):
+            run, run_sq = dots[r, start:start + SCREEN_RUN], g_sq[start:start + SCREEN_RUN]
+            if _count_within(run, run_sq, qs, limit) == 0:
                 continue
-            j = g_start + col
-            if not (exclude_self and i == j):
-                relevant = same_label(q_keys[r], g_keys[col], multi)
-                fold_distance(r, j, s, relevant, with_slack, g_slack[col], allowance[r], same_sq, same_idx,
-                              other_sq, other_idx, same_hi, other_lo)
-                if not relevant:
-                    for c in range(n_cand):
-                        if s <= screen[r, c] and radii[r, c, k - 1] > 0.0:  # near, with an e+ still certifying
-                            _fold_pair(r, c, col, s, dots, bq, q_sq, q_norm, eps_q, cand_sq, cand_norm, cand_dot,
-                                       cand_eps, cand_near, cand_shift, g_sq, g_norm, g_err, f, sigma, gam, tiny,
-                                       gam64, allowance, radii, gap, screen)
-            limit = _skip_limit(r, with_slack, same_sq, other_sq, screen)
+            for pos in range(run.shape[0]):
+                s = qs + run_sq[pos] - 2.0 * run[pos]
+                if s > limit:  # changes neither the margins nor any pair radius
+                    continue
+                col = start + pos
+                j = g_start + col
+                if not (exclude_self and i == j):
+                    relevant = same_label(q_keys[r], g_keys[col], multi)
+                    fold_distance(r, j, s, relevant, with_slack, g_slack[col], allowance[r], same_sq, same_idx,
+                                  other_sq, other_idx, same_hi, other_lo)
+                    if not relevant:
+                        for c in range(n_cand):
+                            if s <= screen[r, c] and radii[r, c, k - 1] > 0.0:  # near, with an e+ still certifying
+                                _fold_pair(r, c, col, dots[r, col], _dot(cand_vec[r, c], g_chunk[col]), q_sq,
+                                           q_norm, eps_q, cand_sq, cand_norm, cand_dot, cand_eps, cand_near,
+                                           cand_shift, g_sq, g_norm, g_err, f, sigma, gam, tiny, gam64, allowance,
+                                           radii, gap, screen)
+                limit = _skip_limit(r, with_slack, same_sq, other_sq, screen)
 
 
 @numba.njit(cache=True)
-def _fold_pair(r, c, col, s, dots, bq, q_sq, q_norm, eps_q, cand_sq, cand_norm, cand_dot, cand_eps, cand_near,
+def _fold_pair(r, c, col, dot_qe, dot_pe, q_sq, q_norm, eps_q, cand_sq, cand_norm, cand_dot, cand_eps, cand_near,
                cand_shift, g_sq, g_norm, g_err, f, sigma, gam, tiny, gam64, allowance, radii, gap, screen):
-    """Fold the pair (candidate ``c`` of row ``r``, non-relevant item ``col``) into the k smallest radii."""
+    """Fold the pair (candidate ``c`` of row ``r``, non-relevant item ``col``) into the k smallest radii.
+
+    ``dot_qe = q.e-`` and ``dot_pe = e+.e-``, see :func:`_pair_bounds`.
+    """
     k = radii.shape[2]
-    t_low, p_high = _pair_bounds(dots[r, col], dots[bq * (1 + c) + r, col], q_sq[r], q_norm[r], cand_sq[r, c],
+    t_low, p_high = _pair_bounds(dot_qe, dot_pe, q_sq[r], q_norm[r], cand_sq[r, c],
                                  cand_norm[r, c], cand_dot[r, c], g_sq[col], g_norm[col], cand_eps[r, c] + g_err[col],
                                  eps_q[r], f, gam, tiny, gam64)
     if t_low - p_high > gap[r, c]:  # r_j >= 2 sigma Phi^-1((1 + t - p) / 2) > the k-th smallest
@@ -254,55 +291,62 @@ def _fold_pair(r, c, col, s, dots, bq, q_sq, q_norm, eps_q, cand_sq, cand_norm, 
         screen[r, c] = _distance_screen(gap[r, c], f, eps_q[r], cand_shift[r, c], cand_near[r, c], allowance[r])
 
 
-def _candidates(queries, gallery, q_labels, g_labels, scale, dtype, count, exclude_self, query_block, gallery_chunk):
-    """(N, count) indices of each query's nearest relevant items (-1 where fewer exist).
+def _candidates(queries, gallery, g_sq, q_labels, g_labels, scale, dtype, count, exclude_self, query_block,
+                gallery_chunk):
+    """(N, count) indices of each query's nearest relevant items (-1 where fewer exist); ``g_sq`` are the
+    gallery's :func:`~minrr.margin.squared_norms`.
 
     Single labels visit only each label's own items (a product of about
-    ``N M / classes`` entries); multi-hot labels go over the whole gallery.
+    ``N M / classes`` entries): queries are taken in label order, one label
+    per block. Multi-hot labels go over the whole gallery. Blocks run on
+    threads (:func:`minrr.margin.in_threads`).
     """
     n, m = len(queries), len(gallery)
     best_sq = np.full((n, count), np.inf)
     best_idx = np.full((n, count), -1, dtype=np.int64)
-    g_sq = squared_norms(gallery, dtype, scale, gallery_chunk)
-    if q_labels.ndim == 1:
-        order = np.argsort(g_labels, kind="stable")
-        sorted_labels = g_labels[order]
-        dummy = np.zeros((1, 1), dtype=np.int64)
-        for label in np.unique(q_labels):
-            q_rows = np.flatnonzero(q_labels == label)
-            first, stop = np.searchsorted(sorted_labels, label, "left"), np.searchsorted(sorted_labels, label, "right")
-            g_members = order[first:stop]
-            for qs in range(0, len(q_rows), query_block):
-                rows = q_rows[qs:qs + query_block]
-                q_block = load_rows(queries, rows, dtype, scale)
-                q_sq = np.einsum("ij,ij->i", q_block.astype(np.float64), q_block.astype(np.float64))
-                sub_sq, sub_idx = best_sq[rows], best_idx[rows]
-                for gs in range(0, len(g_members), gallery_chunk):
-                    cols = g_members[gs:gs + gallery_chunk]
-                    dots = q_block @ load_rows(gallery, cols, dtype, scale).T
-                    _nearest_relevant_chunk(dots, q_sq, g_sq[cols], rows, cols, dummy, dummy, False, False,
-                                            exclude_self, sub_sq, sub_idx)
-                best_sq[rows], best_idx[rows] = sub_sq, sub_idx
-        return best_idx
-    q_keys, multi = label_keys(q_labels)
-    g_keys, _ = label_keys(g_labels)
-    for qs in range(0, n, query_block):
-        part = slice(qs, qs + query_block)
-        rows = np.arange(qs, min(n, qs + query_block))
-        q_block = load_rows(queries, part, dtype, scale)
+    single = q_labels.ndim == 1
+    if single:
+        q_order, g_order = np.argsort(q_labels, kind="stable"), np.argsort(g_labels, kind="stable")
+        q_sorted, g_sorted = q_labels[q_order], g_labels[g_order]
+        edges = np.concatenate([[0], np.flatnonzero(np.diff(q_sorted)) + 1, [n]])
+        blocks = [(a, min(a + query_block, stop)) for start, stop in zip(edges[:-1], edges[1:])
+                  for a in range(start, stop, query_block)]
+        no_keys = np.zeros((1, 1), dtype=np.int64)
+    else:
+        q_keys, multi = label_keys(q_labels)
+        g_keys, _ = label_keys(g_labels)
+        blocks = [(a, min(a + query_block, n)) for a in range(0, n, query_block)]
+
+    def block_candidates(start, stop):
+        if single:  # one label: the queries q_order[start:stop] against that label's items
+            rows = q_order[start:stop]
+            first, last = np.searchsorted(g_sorted, q_sorted[start], "left"), np.searchsorted(g_sorted, q_sorted[start],
+                                                                                             "right")
+            items = g_order[first:last]
+        else:
+            rows, items = np.arange(start, stop), np.arange(m)
+        q_block = load_rows(queries, rows, dtype, scale)
         q_sq = np.einsum("ij,ij->i", q_block.astype(np.float64), q_block.astype(np.float64))
-        for gs in range(0, m, gallery_chunk):
-            cols = np.arange(gs, min(m, gs + gallery_chunk))
-            dots = q_block @ load_rows(gallery, slice(gs, gs + gallery_chunk), dtype, scale).T
-            _nearest_relevant_chunk(dots, q_sq, g_sq[gs:gs + gallery_chunk], rows, cols, q_keys[part],
-                                    g_keys[gs:gs + gallery_chunk], multi, True, exclude_self, best_sq[part],
-                                    best_idx[part])
+        sub_sq, sub_idx = best_sq[rows], best_idx[rows]
+        for gs in range(0, len(items), gallery_chunk):
+            cols = items[gs:gs + gallery_chunk]
+            dots = q_block @ load_rows(gallery, cols if single else slice(gs, gs + gallery_chunk), dtype, scale).T
+            if single:
+                _nearest_relevant_chunk(dots, q_sq, g_sq[cols], rows, cols, no_keys, no_keys, False, False,
+                                        exclude_self, sub_sq, sub_idx)
+            else:
+                _nearest_relevant_chunk(dots, q_sq, g_sq[cols], rows, cols, q_keys[rows], g_keys[cols], multi, True,
+                                        exclude_self, sub_sq, sub_idx)
+        best_sq[rows], best_idx[rows] = sub_sq, sub_idx
+
+    pairs = n * m // (len(np.unique(q_labels)) if single else 1)
+    in_threads(block_candidates, blocks, thread_count(pairs))
     return best_idx
 
 
 def halfspace_radii(queries, query_eps, gallery, query_labels, gallery_labels, *, sigma: float, norm_bound: float,
                     k: int = 1, candidates: int = 1, gallery_eps=None, exclude_self: bool = False,
-                    precision: str = "float32", query_block: int | None = None,
+                    precision: str = "float32", query_block: int = QUERY_BLOCK,
                     gallery_chunk: int = GALLERY_CHUNK) -> HalfspaceRadii:
     """Halfspace certificates of Recall@k, and RetrievalGuard's margins, in one blocked pass.
 
@@ -319,8 +363,8 @@ def halfspace_radii(queries, query_eps, gallery, query_labels, gallery_labels, *
     gallery_eps : (M,) float >= 0, each gallery estimate's error bound (None: exact points).
     exclude_self : leave-one-out, the queries are the gallery.
     precision : "float32" (default) or "float64", the GEMM's precision.
-    query_block, gallery_chunk : queries per block (default ``2048 // (1 + candidates)``) and gallery items
-        per chunk; peak memory is about ``(1 + candidates) query_block gallery_chunk`` products.
+    query_block, gallery_chunk : queries per block and gallery items per chunk; peak memory is about
+        ``query_block * gallery_chunk`` products per thread plus O(N + M) per-item state.
     """
     queries, gallery, q_labels, g_labels, dtype = check_inputs(queries, gallery, query_labels, gallery_labels,
                                                                k=k, exclude_self=exclude_self, precision=precision)
@@ -337,10 +381,9 @@ def halfspace_radii(queries, query_eps, gallery, query_labels, gallery_labels, *
     if g_eps.shape != (m,) or np.any(~(g_eps >= 0)):
         raise ValueError(f"gallery_eps: expected ({m},) non-negative numbers")
 
-    scale = embedding_scale(max_norm(queries), max_norm(gallery, gallery_chunk))
+    scale, g_sq = scale_and_norms(queries, gallery, dtype, gallery_chunk)
     f = float(norm_bound) / scale
     unit = np.finfo(dtype).eps / 2.0 if dtype == np.float32 else 0.0
-    g_sq = squared_norms(gallery, dtype, scale, gallery_chunk)
     g_norm = np.sqrt(g_sq)
     g_norm_max = float(g_norm.max())
     # Each gallery item's distance from the point the GEMM sees: its own error, and the float32 cast.
@@ -351,15 +394,14 @@ def halfspace_radii(queries, query_eps, gallery, query_labels, gallery_labels, *
     gam, gam64 = gamma(dim, dtype), gamma(dim, np.float64)
     tiny = float(underflow_allowance(dim, dtype, 0.0, 0.0))  # times (1 + |x| + |y|) per dot product
 
-    cand = _candidates(queries, gallery, q_labels, g_labels, scale, dtype, candidates, exclude_self,
+    cand = _candidates(queries, gallery, g_sq, q_labels, g_labels, scale, dtype, candidates, exclude_self,
                        QUERY_BLOCK, GALLERY_CHUNK)
     radius = np.zeros(n)
     positive = np.full(n, -1, dtype=np.int64)
     margin, floor, nearest = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64)
-    bq_max = max(1, PAIR_ROWS // (1 + candidates)) if query_block is None else query_block
-    buffer = np.empty((1 + candidates) * min(bq_max, n) * min(gallery_chunk, m), dtype=dtype)
-    for q_start in range(0, n, bq_max):
-        block = slice(q_start, q_start + bq_max)
+
+    def block_radii(q_start, q_stop):
+        block = slice(q_start, q_stop)
         q_block = load_rows(queries, block, dtype, scale)
         bq = len(q_block)
         q64 = q_block.astype(np.float64)
@@ -367,14 +409,13 @@ def halfspace_radii(queries, query_eps, gallery, query_labels, gallery_labels, *
         q_norm = np.sqrt(q_sq)
         idx = cand[block]
         have = idx >= 0
-        stacked = np.zeros(((1 + candidates) * bq, dim), dtype=dtype)
-        stacked[:bq] = q_block
+        cand_vec = np.zeros((bq, candidates, dim), dtype=dtype)  # each row's e+, as the GEMM would see them
         cand_sq = np.zeros((bq, candidates))
         cand_dot = np.zeros((bq, candidates))
         for c in range(candidates):
             rows = np.flatnonzero(have[:, c])
             e_plus = load_rows(gallery, idx[rows, c], dtype, scale)
-            stacked[bq * (1 + c) + rows] = e_plus
+            cand_vec[rows, c] = e_plus
             e64 = e_plus.astype(np.float64)
             cand_sq[rows, c] = np.einsum("ij,ij->i", e64, e64)
             cand_dot[rows, c] = np.einsum("ij,ij->i", q64[rows], e64)
@@ -392,22 +433,25 @@ def halfspace_radii(queries, query_eps, gallery, query_labels, gallery_labels, *
         screen = np.full((bq, candidates), np.inf)
         state = BlockState(bq, k)
         allowance = distance_allowance(dim, dtype, q_norm, g_norm_max)
+        buffer = np.empty(bq * min(gallery_chunk, m), dtype=dtype)
         for g_start in range(0, m, gallery_chunk):
-            g_chunk = load_rows(gallery, slice(g_start, g_start + gallery_chunk), dtype, scale)
+            g_chunk = np.ascontiguousarray(load_rows(gallery, slice(g_start, g_start + gallery_chunk), dtype, scale))
             mc = len(g_chunk)
-            dots = buffer[:(1 + candidates) * bq * mc].reshape((1 + candidates) * bq, mc)
-            np.matmul(stacked, g_chunk.T, out=dots)
+            dots = buffer[:bq * mc].reshape(bq, mc)
+            np.matmul(q_block, g_chunk.T, out=dots)
             part = slice(g_start, g_start + mc)
-            _halfspace_chunk(dots, bq, q_sq, q_norm, eps_block, q_keys[block], q_start, cand_sq, cand_norm,
-                             cand_dot, cand_err, cand_near, cand_shift, g_sq[part], g_norm[part], g_err[part],
-                             g_slack[part], g_keys[part], multi, g_start, exclude_self, f, float(sigma), gam, tiny,
-                             gam64, with_slack, allowance, radii, gap, screen, state.same_sq, state.same_idx,
-                             state.other_sq, state.other_idx, state.same_hi, state.other_lo)
+            _halfspace_chunk(dots, g_chunk, cand_vec, q_sq, q_norm, eps_block, q_keys[block], q_start, cand_sq,
+                             cand_norm, cand_dot, cand_err, cand_near, cand_shift, g_sq[part], g_norm[part],
+                             g_err[part], g_slack[part], g_keys[part], multi, g_start, exclude_self, f, float(sigma),
+                             gam, tiny, gam64, with_slack, allowance, radii, gap, screen, state.same_sq,
+                             state.same_idx, state.other_sq, state.other_idx, state.same_hi, state.other_lo)
         kth = radii[:, :, k - 1]
         best = np.argmax(kth, axis=1)
         radius[block] = kth[np.arange(bq), best]
         positive[block] = np.where(radius[block] > 0, idx[np.arange(bq), best], -1)
         margin[block], floor[block], nearest[block] = state.finish(allowance, cast_error(dtype, q_norm, g_norm_max),
                                                                    with_slack)
+
+    in_threads(block_radii, *query_blocks(n, m, query_block))
     return HalfspaceRadii(radius=radius, positive=positive,
                           margins=Margins(margin=margin * scale, margin_floor=floor * scale, nearest=nearest))

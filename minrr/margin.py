@@ -10,8 +10,11 @@ keeps a same-label item inside the top k. An item whose label shares no class
 with the query's is "other-label"; fewer than k of them gives ``d_k = inf``.
 
 Distances come from one GEMM per (query block, gallery chunk) followed by a
-reduction, so peak memory is set by the block sizes, not by the gallery
-size. Two reductions share the work:
+reduction while the block is still in cache, so peak memory is set by the
+block sizes, not by the gallery size. Query blocks run on
+``numba.get_num_threads()`` threads, each with its own single-threaded
+GEMMs and GIL-free kernels (:func:`in_threads`), so one thread pool is busy
+at a time. Two reductions share the work:
 
 * the common case (single labels, exact gallery, k = 1) visits a query's
   same-label items through its label group, masks them, and finds the
@@ -33,17 +36,23 @@ with :mod:`minrr.halfspace`.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .labels import check_label_pair, check_labels, label_keys, same_label
 
 __all__ = ["Margins", "margins"]
 
-QUERY_BLOCK = 2048
-GALLERY_CHUNK = 4096
+QUERY_BLOCK = 1024
+GALLERY_CHUNK = 1024
+"""Block sizes of the blocked GEMMs: a 1024 x 1024 float32 block (4 MiB) stays in L3 for its reduction, and
+single-threaded sgemm runs at full speed on it."""
+THREADS_FROM = 2 ** 20
+"""Query-item pairs from which the work is spread over threads."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ def fold_distance(r, j, s, relevant, with_slack, slack_j, e_sq, same_sq, same_id
                 _insert(other_lo[r], lo)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exclude_self,
                   slack, allowance, same_sq, same_idx, other_sq, other_idx, same_hi, other_lo):
     """Fold one ``(bq, mc)`` block of dot products into the running per-query state.
@@ -119,7 +128,7 @@ def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exc
     bq, mc = dots.shape
     k = other_sq.shape[1]
     with_slack = slack.shape[0] > 0
-    for r in numba.prange(bq):
+    for r in range(bq):
         i = q_start + r
         qs = q_sq[r]
         for c in range(mc):
@@ -134,7 +143,7 @@ def _reduce_chunk(dots, q_sq, g_sq, q_keys, g_keys, multi, q_start, g_start, exc
                           same_hi, other_lo)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def _take_same_label(scores, g_start, members, cursor, end, self_idx, q_sq, same_sq, same_idx):
     """Nearest same-label item of each row in one chunk, then mask the row's same-label columns.
 
@@ -148,7 +157,7 @@ def _take_same_label(scores, g_start, members, cursor, end, self_idx, q_sq, same
     """
     bq, mc = scores.shape
     stop = g_start + mc
-    for r in numba.prange(bq):
+    for r in range(bq):
         pos = cursor[r]
         while pos < end[r] and members[pos] < stop:
             j = members[pos]
@@ -231,6 +240,49 @@ def squared_norms(x, dtype, scale: float, chunk: int = GALLERY_CHUNK) -> np.ndar
         block = load_rows(x, slice(start, start + chunk), dtype, scale).astype(np.float64)
         out[start:start + len(block)] = np.einsum("ij,ij->i", block, block)
     return out
+
+
+def scale_and_norms(queries, gallery, dtype, chunk: int = GALLERY_CHUNK) -> tuple[float, np.ndarray]:
+    """``(scale, g_sq)``: :func:`embedding_scale` of both sets and the gallery's :func:`squared_norms` at that
+    scale, reading the gallery once when it is already in ``dtype`` and needs no rescaling."""
+    own = gallery.dtype if gallery.dtype.kind == "f" else np.dtype(np.float64)
+    raw = squared_norms(gallery, own, 1.0, chunk)  # its largest square root is max_norm(gallery)
+    scale = embedding_scale(max_norm(queries), float(np.sqrt(raw.max())))
+    if scale == 1.0 and own == dtype:
+        return scale, raw
+    return scale, squared_norms(gallery, dtype, scale, chunk)
+
+
+def thread_count(pairs: int) -> int:
+    """Threads for a blocked pass over ``pairs`` query-item distances: ``numba.get_num_threads()``, or one below
+    :data:`THREADS_FROM`."""
+    return max(1, numba.get_num_threads()) if pairs >= THREADS_FROM else 1
+
+
+def query_blocks(n: int, m: int, size: int) -> tuple[list[tuple[int, int]], int]:
+    """``(blocks, workers)``: consecutive ``(start, stop)`` blocks of at most ``size`` of n queries against m
+    items, and how many threads to run them on. The number of blocks is a multiple of the threads and the
+    blocks are of nearly equal size, so that the threads finish together."""
+    workers = min(thread_count(n * m), n)
+    count = workers * -(-n // (workers * max(1, size)))
+    size = -(-n // count)
+    return [(start, min(start + size, n)) for start in range(0, n, size)], workers
+
+
+def in_threads(task, blocks, workers: int) -> None:
+    """Run ``task(start, stop)`` over the blocks on ``workers`` threads, with BLAS single-threaded.
+
+    Each thread runs its own GEMMs and GIL-free (``nogil``) kernels, so one
+    thread pool is busy at a time: OpenBLAS's and Numba's pools never spin
+    against each other. An error (or Ctrl-C) cancels the blocks not yet started.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers <= 1 or len(blocks) <= 1:
+            for start, stop in blocks:
+                task(start, stop)
+            return
+        with ThreadPoolExecutor(min(workers, len(blocks))) as pool:  # map cancels what is left on an error
+            list(pool.map(lambda block: task(*block), blocks))
 
 
 class BlockState:
@@ -331,7 +383,7 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
         from its exact embedding; taken off ``margin_floor`` item by item.
     precision : "float32" (default) or "float64", the GEMM's precision.
     query_block, gallery_chunk : block sizes; peak memory is about
-        ``query_block * gallery_chunk`` GEMM outputs plus O(N + M) per-item state.
+        ``query_block * gallery_chunk`` GEMM outputs per thread plus O(N + M) per-item state.
     """
     queries, gallery, q_labels, g_labels, dtype = check_inputs(queries, gallery, query_labels, gallery_labels,
                                                                k=k, exclude_self=exclude_self, precision=precision)
@@ -342,9 +394,8 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
     if with_slack and (slack.shape != (m,) or np.any(~(slack >= 0))):
         raise ValueError(f"gallery_slack: expected ({m},) non-negative numbers")
 
-    scale = embedding_scale(max_norm(queries), max_norm(gallery, gallery_chunk))
+    scale, g_sq = scale_and_norms(queries, gallery, dtype, gallery_chunk)
     slack = slack / scale
-    g_sq = squared_norms(gallery, dtype, scale, gallery_chunk)
     g_norm_max = float(np.sqrt(g_sq.max()))
     grouped = q_labels.ndim == 1 and not with_slack and k == 1
     if grouped:
@@ -357,16 +408,17 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
     margin = np.empty(n)
     floor = np.empty(n)
     nearest = np.empty(n, dtype=np.int64)
-    buffer = np.empty(min(query_block, n) * min(gallery_chunk, m), dtype=dtype)
-    for q_start in range(0, n, query_block):
-        block = slice(q_start, q_start + query_block)
+    terms = dim + 1 if grouped else dim  # the grouped GEMM carries |e|^2 / 2 as one more term
+
+    def block_margins(q_start, q_stop):
+        block = slice(q_start, q_stop)
         q_block = load_rows(queries, block, dtype, scale)
         bq = len(q_block)
         q_sq = np.einsum("ij,ij->i", q_block.astype(np.float64), q_block.astype(np.float64))
         q_norm = np.sqrt(q_sq)
         state = BlockState(bq, k)
-        terms = dim + 1 if grouped else dim  # the grouped GEMM carries |e|^2 / 2 as one more term
         allowance = distance_allowance(terms, dtype, q_norm, g_norm_max, grouped)
+        buffer = np.empty(bq * min(gallery_chunk, m), dtype=dtype)
         if grouped:
             _grouped_pass(q_block, q_sq, q_labels[block], q_start, gallery, scale, g_sq, members, member_labels,
                           exclude_self, state, gallery_chunk, buffer)
@@ -375,6 +427,8 @@ def margins(queries, gallery, query_labels, gallery_labels, *, k: int = 1,
                           slack, allowance, state, gallery_chunk, buffer)
         margin[block], floor[block], nearest[block] = state.finish(allowance, cast_error(dtype, q_norm, g_norm_max),
                                                                    with_slack)
+
+    in_threads(block_margins, *query_blocks(n, m, query_block))
     return Margins(margin=margin * scale, margin_floor=floor * scale, nearest=nearest)
 
 

@@ -138,3 +138,76 @@ def test_bad_arguments_name_themselves(bad, message):
     kwargs = {key: args.pop(key) for key in list(args) if key not in ("queries", "gallery", "query_labels", "gallery_labels")}
     with pytest.raises(ValueError, match=message):
         margins(args["queries"], args["gallery"], args["query_labels"], args["gallery_labels"], **kwargs)
+
+
+@pytest.mark.parametrize("k, multi, slacked", [(1, False, False), (2, False, False), (1, True, True)])
+def test_threaded_blocks_match_oracle_and_the_serial_run(monkeypatch, k, multi, slacked):
+    """Query blocks on threads (both the grouped and the entry-by-entry reduction): the float64 margins equal the
+    oracle, ties included, the float32 floor stays below the exact margin, and the results do not depend on the
+    threads."""
+    import minrr.margin as margin_module
+
+    rng = np.random.default_rng(7)
+    queries, gallery, q_labels, g_labels = _problem(rng, 37, 300, 5, 4, multi, True)
+    slack = rng.random(300) * 0.05 if slacked else None
+    serial = margins(queries, gallery, q_labels, g_labels, k=k, gallery_slack=slack, query_block=6, gallery_chunk=70)
+    monkeypatch.setattr(margin_module, "THREADS_FROM", 1)
+    assert margin_module.query_blocks(37, 300, 6)[1] == min(2, margin_module.numba.get_num_threads())
+    exact = margins(queries, gallery, q_labels, g_labels, k=k, precision="float64", query_block=6, gallery_chunk=70)
+    want, nearest = oracle(queries, gallery, q_labels, g_labels, k)
+    np.testing.assert_allclose(exact.margin, want, atol=1e-9)
+    _assert_nearest(queries, gallery, exact.nearest, nearest)
+    threaded = margins(queries, gallery, q_labels, g_labels, k=k, gallery_slack=slack, query_block=6,
+                       gallery_chunk=70)
+    for name in ("margin", "margin_floor", "nearest"):
+        np.testing.assert_array_equal(getattr(threaded, name), getattr(serial, name))
+    finite = np.isfinite(want)
+    assert np.all(threaded.margin_floor[finite] <= want[finite])  # the gallery is within its own slack
+
+
+def test_query_blocks_cover_the_queries_evenly(monkeypatch):
+    import minrr.margin as margin_module
+
+    monkeypatch.setattr(margin_module.numba, "get_num_threads", lambda: 2)
+    for n, m, size in [(10_000, 60_000, 1024), (37, 300, 6), (5, 10**6, 1024), (1, 10**7, 3), (7, 2, 3)]:
+        blocks, workers = margin_module.query_blocks(n, m, size)
+        assert workers == (min(2, n) if n * m >= margin_module.THREADS_FROM else 1)
+        starts, stops = np.array(blocks).T
+        assert starts[0] == 0 and stops[-1] == n and np.all(starts[1:] == stops[:-1])
+        assert len(blocks) % workers == 0 or len(blocks) == n  # every thread gets as many blocks
+        assert np.all(stops - starts <= size) and len(set((stops - starts)[:-1].tolist())) <= 1
+    assert margin_module.query_blocks(10_000, 60_000, 1024)[0][:2] == [(0, 1000), (1000, 2000)]
+
+
+@pytest.mark.parametrize("dtype, factor", [(np.float32, 1.0), (np.float32, 1e-7), (np.float64, 1e6), (np.int64, 3.0)])
+def test_scale_and_norms_read_the_gallery_once_with_the_same_result(dtype, factor):
+    from minrr.margin import embedding_scale, max_norm, scale_and_norms, squared_norms
+
+    rng = np.random.default_rng(3)
+    queries = rng.normal(size=(20, 6)) * factor
+    gallery = (rng.normal(size=(50, 6)) * factor).astype(dtype)
+    for gemm_dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        scale, g_sq = scale_and_norms(queries, gallery, gemm_dtype, chunk=7)
+        assert scale == embedding_scale(max_norm(queries), max_norm(gallery))
+        np.testing.assert_array_equal(g_sq, squared_norms(gallery, gemm_dtype, scale))
+
+
+def test_an_error_in_a_block_stops_the_blocks_not_yet_started():
+    import threading
+    import time
+
+    from minrr.margin import in_threads
+
+    ran = []
+    lock = threading.Lock()
+
+    def task(start, stop):
+        with lock:
+            ran.append(start)
+        if start == 0:
+            raise ValueError("block 0 failed")
+        time.sleep(0.01)
+
+    with pytest.raises(ValueError, match="block 0 failed"):
+        in_threads(task, [(i, i + 1) for i in range(200)], 2)
+    assert 0 in ran and len(ran) < 100
