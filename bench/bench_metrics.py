@@ -7,7 +7,8 @@
    ``AccuracyCalculator`` (faiss inside) on the same data, computing P@1 and
    mAP@R with its default k (target: both minrr calls together faster). Two
    label structures: 100 classes (about 100 relevant items per query) and
-   2,000 classes (about 5, as in SOP).
+   2,000 classes (about 5, as in SOP); at other sizes (--quick, --size) the
+   same shares, n / 100 and n / 5 classes.
 2. SOP-sized random data: 60,000 x 512, 11,318 classes, R@1/2/4/8 then mAP
    and mAP@R (target: under a minute on 2 cores).
 3. Peak traced memory (tracemalloc, every NumPy allocation) of both metrics
@@ -19,7 +20,7 @@ GEMM is timed in steady state (a GEMM first, then the timed ones), never
 right after another library's parallel region. The metrics run one BLAS
 thread per worker thread, so one thread pool is busy at a time.
 
-Run: python bench/bench_metrics.py [--quick] [--skip-sop]
+Run: python bench/bench_metrics.py [--quick | --size N] [--skip-sop] [--skip-pml]
 """
 
 from __future__ import annotations
@@ -120,17 +121,19 @@ def bench_memory(n_queries, n_gallery, dim, n_classes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke run")
+    parser.add_argument("--size", type=int, default=10_000, help="queries (their own gallery) of the speed table")
     parser.add_argument("--skip-sop", action="store_true", help="leave out the SOP-sized run")
+    parser.add_argument("--skip-pml", action="store_true", help="leave out pytorch-metric-learning")
     args = parser.parse_args()
-    n, dim = (2000, 128) if args.quick else (10_000, 128)
+    n, dim = (2000, 128) if args.quick else (args.size, 128)
     sop = (6000, 512, 1132) if args.quick else (60_000, 512, 11_318)
     print(f"machine: {describe(np)}")
     print(f"git: {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}")
-    calculator = pml_calculator()
+    calculator = None if args.skip_pml else pml_calculator()
 
     print(f"\n| task ({n} x {n} x {dim}, own gallery) | classes | seconds (best of 3) | ratio to GEMM |")
     print("|---|---|---|---|")
-    for n_classes in (100, n // 5):
+    for n_classes in (n // 100, n // 5):
         gemm, recall, precisions, theirs = bench_speed(n, dim, n_classes, calculator)
         print(f"| plain float32 GEMM (numpy matmul) | {n_classes} | {gemm:.3f} | 1.00 |")
         print(f"| minrr recall_at_k, k = 1, 2, 4, 8 | {n_classes} | {recall:.3f} | {recall / gemm:.2f} |")

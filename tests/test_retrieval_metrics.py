@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import minrr.margin
 from minrr.labels import relevance
 from minrr.metrics import retrieval
 from minrr.metrics.clustering import kmeans, kmeans_nmi, normalized_mutual_info
@@ -13,6 +14,7 @@ from minrr.metrics.retrieval import (
     first_relevant_rank,
     map_at_r,
     mean_average_precision,
+    r_precision,
     recall_at_k,
 )
 
@@ -280,10 +282,10 @@ def near_tie_problems(draw):
     return q, g, yq, yg, own_gallery, exclude, block_bytes
 
 
-@pytest.mark.parametrize("search_above", [0, 1000])  # every query by binary search / by vector passes
+@pytest.mark.parametrize("buckets_above", [0, 1000])  # every query through score buckets / by vector passes
 @settings(max_examples=120, deadline=None)
 @given(problem=near_tie_problems())
-def test_near_ties_of_the_gemm_are_settled_exactly(problem, search_above):
+def test_near_ties_of_the_gemm_are_settled_exactly(problem, buckets_above):
     """Ranks, AP, AP@R and Recall@k equal the float64 oracle (stable sort by distance, then index)
     when float32 rounding would reorder the items, through either counting path."""
     q, g, yq, yg, own_gallery, exclude, block_bytes = problem
@@ -292,7 +294,7 @@ def test_near_ties_of_the_gemm_are_settled_exactly(problem, search_above):
     expected = [oracle_metrics(f) for f in flags]
     want_rank = np.array([e[0] for e in expected])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(retrieval, "_SEARCH_ABOVE", search_above)
+        patch.setattr(retrieval, "_BUCKETS_ABOVE", buckets_above)
         np.testing.assert_array_equal(first_relevant_rank(q, yq, **kw), want_rank)
         ap, ap_r = average_precision(q, yq, **kw)
         np.testing.assert_allclose(ap, [e[1] for e in expected], rtol=1e-12)
@@ -321,9 +323,11 @@ def test_float32_distances_misorder_these_points_but_the_metrics_do_not():
     np.testing.assert_allclose(ap_r, [e[2] for e in expected], rtol=1e-12)
 
 
-def test_distances_that_differ_only_by_summation_order():
+@pytest.mark.parametrize("buckets_above", [0, 1000])  # through score buckets / by vector passes
+def test_distances_that_differ_only_by_summation_order(monkeypatch, buckets_above):
     """Gallery items are permutations of one vector: their exact distances to the origin differ
     in the last bits only, and a vectorised (reordered) sum would pick another nearest item."""
+    monkeypatch.setattr(retrieval, "_BUCKETS_ABOVE", buckets_above)
     rng = np.random.default_rng(0)
     v = rng.normal(size=32) * 10.0 ** rng.uniform(-3, 3, 32)
     gallery = np.array([rng.permutation(v) for _ in range(60)])
@@ -335,8 +339,103 @@ def test_distances_that_differ_only_by_summation_order():
         expected = [oracle_metrics(f) for f in flags]
         np.testing.assert_array_equal(first_relevant_rank(queries, q_labels, exclude=exclude, **kw),
                                       [e[0] for e in expected])
-        np.testing.assert_allclose(average_precision(queries, q_labels, exclude=exclude, **kw)[0],
-                                   [e[1] for e in expected], rtol=1e-12)
+        ap, ap_r = average_precision(queries, q_labels, exclude=exclude, **kw)
+        np.testing.assert_allclose(ap, [e[1] for e in expected], rtol=1e-12)
+        np.testing.assert_allclose(ap_r, [e[2] for e in expected], rtol=1e-12)
+
+
+# ---------------------------------------------------------------- many relevant items: score buckets
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(-8.0, 8.0), st.integers(1, 3), st.integers(1, 40), st.booleans())
+def test_bucket_tables_classify_every_score_like_the_thresholds(seed, spread, repeat, n_kept, wide):
+    """For any score, a bucket without uncertain kept items gives exactly the kept items the score is
+    before (upper threshold below it) and after (lower threshold above it); a bucket with some starts
+    its uncertain range after kept items that are certainly after. Thresholds with duplicates, equal
+    bounds, wide or narrow near-tie windows and any range; with narrow windows, most scores are in
+    buckets without one."""
+    rng = np.random.default_rng(seed)
+    centre = np.sort(np.repeat(rng.normal(size=n_kept) * 10.0 ** spread, repeat))[::-1].astype(np.float32)
+    width = rng.choice([0.0, 1e-6, 1e-3] if wide else [0.0, 1e-7], size=len(centre)) * (1.0 + abs(centre))
+    above = np.maximum.accumulate((centre + width).astype(np.float32)[::-1])[::-1]  # non-increasing
+    below = np.minimum(np.minimum.accumulate((centre - width).astype(np.float32)), above)
+    offsets, n_buckets = np.array([0, len(above)]), retrieval._BUCKETS_PER_ITEM * len(above) + 2
+    bucket_offsets = np.array([0, n_buckets])
+    low, scale = np.empty(1, np.float32), np.empty(1, np.float32)
+    table = np.empty(n_buckets, np.int32)
+    retrieval._bucket_tables(offsets, above, below, bucket_offsets, low, scale, table)
+    uniform = rng.uniform(below.min() - 1, above.max() + 1, 200).astype(np.float32)
+    values = np.concatenate([above, below, uniform])
+    scores = np.concatenate([values, np.nextafter(values, np.float32(np.inf)),
+                             np.nextafter(values, np.float32(-np.inf))]).astype(np.float32)
+    flagged = []
+    for x in scores:
+        t = table[retrieval._bucket(x, low[0], scale[0], np.float32(n_buckets - 2))]
+        after, before = below > x, above < x
+        if t >= 0:
+            assert after[:t].all() and before[t:].all()
+        else:
+            assert after[:-1 - t].all() and -1 - t <= len(above)
+        flagged.append(t < 0)
+    if not wide and n_kept >= 4:
+        assert np.mean(flagged[2 * len(above):len(values)]) < 0.25
+
+
+def many_relevant_problem(rng, n, dim, n_classes, multi, dtype):
+    """Integer points at 4096 + small offsets (exact ties, and near-ties the float32 GEMM misorders),
+    few classes, so that every query has more relevant items than the vector passes take."""
+    emb = (4096.0 + rng.integers(-3, 4, size=(n, dim))).astype(dtype)
+    if multi:
+        labels = (rng.random((n, n_classes)) < 0.4).astype(np.int64)
+        labels[np.arange(n), rng.integers(0, n_classes, n)] = 1  # at least one class each
+    else:
+        labels = rng.integers(0, n_classes, n)
+    return emb, labels
+
+
+@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("exclude, block_bytes", [("index", 2**20), ("nearest", 6000), ("none", 60_000)])
+def test_many_relevant_items_through_buckets_match_the_oracle(multi, dtype, exclude, block_bytes):
+    """Queries with 40 to 90 relevant items (the score-bucket path), ties and near-ties, single- and
+    multi-label, small blocks (several gallery chunks and query blocks): AP, AP@R, R-precision
+    and ranks equal the float64 brute-force oracle."""
+    rng = np.random.default_rng(11 + multi)
+    emb, labels = many_relevant_problem(rng, 150, 3, 3, multi, dtype)
+    flags = oracle_ranked_relevance(emb.astype(np.float64), emb.astype(np.float64), labels, labels,
+                                    "none" if exclude == "none" else exclude)
+    assert min(sum(f) for f in flags) > retrieval._BUCKETS_ABOVE  # every query goes through the buckets
+    expected = [oracle_metrics(f) for f in flags]
+    kw = {"exclude": exclude, "block_bytes": block_bytes}
+    ap, ap_r = average_precision(emb, labels, **kw)
+    np.testing.assert_allclose(ap, [e[1] for e in expected], rtol=1e-12)
+    np.testing.assert_allclose(ap_r, [e[2] for e in expected], rtol=1e-12)
+    want_r_prec = [sum(f[:sum(f)]) / sum(f) for f in flags]
+    assert r_precision(emb, labels, **kw) == pytest.approx(np.mean(want_r_prec), rel=1e-12)
+    np.testing.assert_array_equal(first_relevant_rank(emb, labels, **kw), [e[0] for e in expected])
+
+
+def test_average_precision_memory_does_not_grow_with_the_gallery():
+    """At a fixed number of classes the relevant items per query grow with the gallery; the peak
+    memory of AP grows only by O(1) numbers per gallery item (norms, label groups), not by the
+    relevant items (a block keeps at most its scores' bytes of them)."""
+    tracemalloc = pytest.importorskip("tracemalloc")
+    rng = np.random.default_rng(4)
+    queries = rng.normal(size=(100, 8)).astype(np.float32)
+    q_labels = rng.integers(0, 4, 100)
+    peaks = []
+    for size in (8000, 32_000):
+        gallery = rng.normal(size=(size, 8)).astype(np.float32)
+        kw = {"gallery": gallery, "gallery_labels": rng.integers(0, 4, size), "block_bytes": 2**20}
+        average_precision(queries, q_labels, **kw)
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        average_precision(queries, q_labels, **kw)
+        peaks.append(tracemalloc.get_traced_memory()[1] - base)
+        tracemalloc.stop()
+    # Holding every relevant item would add 100 queries x 6000 x 128 bytes = 77 MB.
+    assert peaks[1] - peaks[0] < 24_000 * 160
 
 
 def test_worker_threads_and_blocks_do_not_change_results(monkeypatch):
@@ -346,7 +445,7 @@ def test_worker_threads_and_blocks_do_not_change_results(monkeypatch):
     labels = rng.integers(0, 40, 1100)
     ranks, (ap, ap_r) = first_relevant_rank(emb, labels, exclude="nearest"), average_precision(emb, labels,
                                                                                                exclude="nearest")
-    monkeypatch.setattr(retrieval, "_THREADS_FROM", np.inf)
+    monkeypatch.setattr(minrr.margin, "THREADS_FROM", np.inf)
     kw = {"exclude": "nearest", "block_bytes": 40_000}
     np.testing.assert_array_equal(first_relevant_rank(emb, labels, **kw), ranks)
     np.testing.assert_array_equal(average_precision(emb, labels, **kw)[0], ap)

@@ -34,41 +34,48 @@ one item out of its ranking (``exclude``):
 
 How it runs at GEMM speed with exact results. Every metric needs, for some
 relevant items m of each query, the number of gallery items ranked before
-m, ``pos_m - 1``. The relevant items are found through the label groups (all
-items for multi-label), and their exact distances ``d_m`` sorted; Recall@k
-and the first rank keep only the first one (two for "nearest"), found among
-candidates within a float64 rounding bound of the nearest by approximate
-distances. Then one float32 GEMM per (query block, gallery chunk) gives
-``score = q.e - |e|^2 / 2``, and for each kept m an item whose score lies
-beyond ``d_m`` by more than E, a bound on the rounding of the GEMM, the
-casts and the float64 sums (:func:`minrr.margin.distance_allowance`, Higham's
-gamma), is certainly before or after m; only an item within E of ``d_m``
-(a near-tie) gets its exact distance and index compared. Queries with few
-relevant items count each one's items by a vector pass over the row, others
-place every item by a binary search run over the whole row at once.
+m, ``pos_m - 1``; sorted, these give ``pos_1 < ... < pos_R``. The relevant
+items are found through the label groups (all items for multi-label), with
+their distances ``d_m``: for AP, vectorised float64 sums, each within a
+float64 rounding bound of the exact one; Recall@k and the first rank keep
+only the first one (two for "nearest"), found among candidates within that
+bound of the nearest, with exact distances. Then one float32 GEMM per (query
+block, gallery chunk) gives ``score = q.e - |e|^2 / 2``, and for each kept m
+an item whose score lies beyond ``d_m`` by more than E, a bound on the
+rounding of the GEMM, the casts and the float64 sums
+(:func:`minrr.margin.distance_allowance`, Higham's gamma), is certainly
+before or after m; only an item within E of ``d_m`` (a near-tie) has its
+distance compared, vectorised, then exactly (with the index) when even that
+cannot tell. Queries with few relevant items count each one's items by a
+vector pass over the row. The others split the range of their thresholds
+into equal score buckets (about 8 per relevant item): a lookup table gives,
+for an item's bucket, the relevant items it is certainly before, counted as
+a difference, so each item costs O(1); only the few items in buckets that
+hold a threshold are placed one by one.
 Embeddings are divided by a power of two first (exact) when their norms
 would under- or overflow float32.
 
 The work is split into query blocks, each run on one thread with
 single-threaded BLAS, so only one thread pool is ever busy. Memory is
 bounded whatever the gallery size: per worker, at most ``block_bytes`` of
-scores (1024 x 1024 float32 by default) and ``block_bytes`` of kept relevant
-items (64 bytes each: one or two per query for Recall@k, all R for AP), plus
-O(M) numbers per gallery item (norms, label groups).
+scores (1024 x 1024 float32 by default; 256 x 4096 for AP when most queries
+have more than 10 relevant items) and as many bytes
+again of kept relevant items (at most ``_STATE_BYTES`` each, with their
+buckets: one or two per query for Recall@k, all R for AP; at least one
+query's), plus O(1) numbers per gallery item (norms, label groups).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Sequence
 
 import numba
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from minrr.io import as_float_array
 from minrr.labels import check_label_pair, check_labels, label_keys, same_label
-from minrr.margin import cast_error, distance_allowance, embedding_scale, gamma, load_rows, max_norm, squared_norms
+from minrr.margin import (cast_error, distance_allowance, embedding_scale, gamma, in_threads, load_rows, max_norm,
+                          squared_norms, thread_count)
 
 __all__ = [
     "first_relevant_rank",
@@ -85,10 +92,12 @@ BLOCK_BYTES = 64 * 2**20
 _GEMM_DTYPE = np.float32
 _QUERY_BLOCK = 1024  # queries per GEMM block
 _GALLERY_CHUNK = 1024  # gallery items per GEMM block
-_THREADS_FROM = 2**20  # query-item pairs from which the work is worth starting threads for
-_SEARCH_ABOVE = 32  # relevant items of a query beyond which gallery items are placed by binary search
-_EXACT_PIECE = 64  # relevant items whose exact distances are summed side by side
-_STATE_BYTES = 64  # bytes held per kept relevant item at the peak: distance, index, count, thresholds
+_WIDE_CHUNK = 4096  # gallery items per GEMM block when most queries have score buckets: fewer queries, so
+# that a row's bucket tables, read once per block, serve more items
+_BUCKETS_ABOVE = 10  # relevant items of a query beyond which gallery items are counted through score buckets
+_BUCKETS_PER_ITEM = 8  # score buckets per kept relevant item of such a query (plus one below and one above all)
+_STATE_BYTES = 64 + 4 * _BUCKETS_PER_ITEM  # bytes held per kept relevant item at the peak: distance, index,
+# counts, thresholds, and the bucket tables
 _EXCLUDE_NONE, _EXCLUDE_INDEX, _EXCLUDE_NEAREST = 0, 1, 2
 _EXCLUDE_MODES = {"none": _EXCLUDE_NONE, "index": _EXCLUDE_INDEX, "nearest": _EXCLUDE_NEAREST}
 
@@ -165,18 +174,47 @@ def _relevant_counts(q_ids, q_keys, g_keys, multi, members, lo, hi, skip_self, n
 
 
 @numba.njit(nogil=True, cache=True)
+def _exact_distances(query, gallery, items, out):
+    """``out[t]``: exact squared distance from ``query`` to ``gallery[items[t]]``.
+
+    Four items at a time, in four independent chains (instruction-level
+    parallelism); each distance still sums over k in order, as
+    :func:`_exact_squared_distance` does.
+    """
+    n_dim, n = gallery.shape[1], items.shape[0]
+    start = 0
+    while start + 4 <= n:
+        e0, e1, e2, e3 = gallery[items[start]], gallery[items[start + 1]], gallery[items[start + 2]], \
+            gallery[items[start + 3]]
+        d0 = d1 = d2 = d3 = 0.0
+        for k in range(n_dim):
+            coordinate = np.float64(query[k])
+            diff0, diff1 = coordinate - np.float64(e0[k]), coordinate - np.float64(e1[k])
+            diff2, diff3 = coordinate - np.float64(e2[k]), coordinate - np.float64(e3[k])
+            d0 += diff0 * diff0
+            d1 += diff1 * diff1
+            d2 += diff2 * diff2
+            d3 += diff3 * diff3
+        out[start], out[start + 1], out[start + 2], out[start + 3] = d0, d1, d2, d3
+        start += 4
+    for t in range(start, n):
+        out[t] = _exact_squared_distance(query, gallery[items[t]])
+
+
+@numba.njit(nogil=True, cache=True)
 def _sorted_relevant(queries, gallery, q_ids, q_keys, g_keys, multi, members, lo, hi, skip_self, tolerance,
                      offsets, rel_d, rel_i):
-    """The first ``offsets[a + 1] - offsets[a]`` relevant items of each query, by (exact distance, index).
+    """The first ``offsets[a + 1] - offsets[a]`` relevant items of each query, by distance, then index.
 
     Candidates ``members[lo[a]:hi[a]]`` come in increasing index order and the
-    sort is stable, so equal distances keep the smaller index first. When
-    only the first few are kept, approximate distances rule out every
-    candidate farther than ``tolerance[a]`` beyond the last kept one, and
-    only the rest get exact distances.
+    sort is stable, so equal distances keep the smaller index first. Every
+    relevant item kept: by the vectorised distances, each within
+    ``tolerance[a] / 2`` of the exact one (``rel_d`` holds them; the order may
+    differ from the exact one within that tolerance). Only the first few
+    kept: the vectorised distances rule out every candidate farther than
+    ``tolerance[a]`` beyond the last kept one, and the rest are ordered by
+    their exact distances (``rel_d``).
     """
-    n_dim = queries.shape[1]
-    piece = np.empty((n_dim, _EXACT_PIECE))  # coordinates of up to _EXACT_PIECE items, transposed
     for a in range(q_ids.shape[0]):
         query = q_ids[a]
         keep = offsets[a + 1] - offsets[a]
@@ -188,24 +226,13 @@ def _sorted_relevant(queries, gallery, q_ids, q_keys, g_keys, multi, members, lo
                 items[count] = j
                 count += 1
         items = items[:count]
+        dist = np.empty(count)
+        for t in range(count):
+            dist[t] = _approximate_squared_distance(queries[query], gallery[items[t]])
         if keep < count:
-            approx = np.empty(count)
-            for t in range(count):
-                approx[t] = _approximate_squared_distance(queries[query], gallery[items[t]])
-            reach = np.sort(approx)[keep - 1] + tolerance[a]
-            items = items[approx <= reach]
-        # Exact distances side by side (vectorised over items); each one still sums over k in order.
-        dist = np.zeros(len(items))
-        for start in range(0, len(items), _EXACT_PIECE):
-            width = min(_EXACT_PIECE, len(items) - start)
-            for t in range(width):
-                for k in range(n_dim):
-                    piece[k, t] = gallery[items[start + t], k]
-            for k in range(n_dim):
-                coordinate = np.float64(queries[query, k])
-                for t in range(width):
-                    diff = coordinate - piece[k, t]
-                    dist[start + t] += diff * diff
+            items = items[dist <= np.sort(dist)[keep - 1] + tolerance[a]]
+            dist = np.empty(len(items))
+            _exact_distances(queries[query], gallery, items, dist)
         order = np.argsort(dist, kind="mergesort")
         for t in range(keep):
             rel_d[offsets[a] + t] = dist[order[t]]
@@ -213,48 +240,104 @@ def _sorted_relevant(queries, gallery, q_ids, q_keys, g_keys, multi, members, lo
 
 
 @numba.njit(inline="always", cache=True)
-def _is_before(query, gallery, item, target_d, target_i):
-    """Whether gallery ``item`` ranks before the target (exact distance ``target_d``, index ``target_i``)."""
-    d = _exact_squared_distance(query, gallery[item])
+def _is_before(query, gallery, item, target_d, target_i, tolerance):
+    """Whether gallery ``item`` ranks before gallery item ``target_i``, by exact distance, then index.
+
+    ``target_d`` is within ``tolerance / 2`` of the target's exact distance, as
+    the vectorised distance is of the item's: they settle every case but a
+    near-exact tie (with a margin for their own rounding), and the exact
+    distances settle that.
+    """
+    d = _approximate_squared_distance(query, gallery[item])
+    if d + 2.0 * tolerance < target_d:
+        return True
+    if d - 2.0 * tolerance > target_d:
+        return False
+    d, target_d = _exact_squared_distance(query, gallery[item]), _exact_squared_distance(query, gallery[target_i])
     return d < target_d or (d == target_d and item < target_i)
 
 
 @numba.njit(inline="always", cache=True)
-def _first_under(values, first, last, v):
-    """First m in [first, last) with ``values[m] < v`` (``last`` if none); ``values`` non-increasing."""
-    while first < last:
-        mid = (first + last) // 2
-        if values[mid] < v:
-            last = mid
-        else:
-            first = mid + 1
-    return first
+def _bucket(score, low, scale, top):
+    """Score bucket 0 .. top + 1 of ``score``: ``(score - low) * scale``, clipped to [-1, top], plus one.
+
+    All float32 and non-decreasing in ``score``, so a bucket above another
+    holds only larger scores, whatever the rounding.
+    """
+    f = min(max((score - low) * scale, np.float32(-1.0)), top)
+    return int(f + np.float32(1.0))
 
 
 @numba.njit(nogil=True, cache=True)
-def _count_before(scores, g_start, queries, gallery, q_ids, skip_self, offsets, above, below, rel_d, rel_i,
-                  search_above, counts):
-    """Add to ``counts[m]`` the items of one gallery chunk ranked before kept relevant item m.
+def _bucket_tables(offsets, above, below, bucket_offsets, low, scale, table):
+    """Score buckets of the queries that have them (``bucket_offsets[a + 1] > bucket_offsets[a]``).
+
+    Query a's scores between its lowest threshold ``below[offsets[a + 1] - 1]``
+    and its highest ``above[offsets[a]]`` are split into equal buckets
+    (:func:`_bucket`), with one bucket below and one above them all. An item
+    whose score is in bucket b certainly ranks after the kept items m <
+    ``uncertain_from[b]`` (relative to ``offsets[a]``: the lower threshold's
+    bucket is above b) and before those whose upper threshold's bucket is
+    below b; the kept items in between are uncertain. ``table[b]`` is the
+    number of kept items the item is after when none is uncertain, else
+    ``-1 - uncertain_from[b]``.
+    """
+    most = np.max(bucket_offsets[1:] - bucket_offsets[:-1]) if offsets.shape[0] > 1 else 0
+    with_above = np.empty(most + 1, dtype=np.int64)  # kept items by the bucket of their upper threshold
+    with_below = np.empty(most + 1, dtype=np.int64)  # and of their lower one
+    for a in range(offsets.shape[0] - 1):
+        first, last = offsets[a], offsets[a + 1]
+        b_first, n_buckets = bucket_offsets[a], bucket_offsets[a + 1] - bucket_offsets[a]
+        if n_buckets == 0:
+            continue
+        low[a] = below[last - 1]
+        width = np.float64(above[first]) - np.float64(low[a])
+        step = np.float32((n_buckets - 3) / width) if width > 0.0 else np.float32(np.inf)
+        scale[a] = step if step < np.inf else np.finfo(np.float32).max  # one threshold value: own bucket
+        top = np.float32(n_buckets - 2)
+        with_above[:n_buckets + 1] = 0
+        with_below[:n_buckets + 1] = 0
+        for m in range(first, last):
+            with_above[_bucket(above[m], low[a], scale[a], top)] += 1
+            with_below[_bucket(below[m], low[a], scale[a], top)] += 1
+        at_or_above, strictly_above = 0, 0  # items whose upper threshold's bucket is >= b, lower threshold's > b
+        for b in range(n_buckets - 1, -1, -1):
+            at_or_above += with_above[b]
+            strictly_above += with_below[b + 1]
+            table[b_first + b] = at_or_above if at_or_above == strictly_above else -1 - strictly_above
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_before(scores, g_start, queries, gallery, q_ids, skip_self, tolerance, offsets, above, below, rel_d,
+                  rel_i, bucket_offsets, low, scale, table, counts, later):
+    """Count, for each kept relevant item m, the items of one gallery chunk ranked before it.
 
     ``scores[a, c] = q.e - |e|^2 / 2`` (GEMM precision) for query ``q_ids[a]``
     and item ``g_start + c``; a larger score is a smaller distance. For the
     relevant items ``offsets[a] .. offsets[a + 1]`` of row a (by increasing
-    exact distance ``rel_d``), a score above ``above[m]`` is certainly
+    distance ``rel_d``, see :func:`_sorted_relevant`), a score above ``above[m]`` is certainly
     before item m and one below ``below[m]`` certainly after; a score in
-    between is a near-tie, settled by the exact distance and the index.
-    Rows with few relevant items count each one's items in a vector pass
-    over the row; others place every item by binary search. The query
-    itself is skipped when ``skip_self``.
+    between is a near-tie, settled by the distances (:func:`_is_before`,
+    ``tolerance[a]``) and the index.
+    Rows without score buckets add to ``counts[m]``, one vector pass over the
+    row per kept item. Rows with buckets (:func:`_bucket_tables`) look each
+    item's bucket up: it is before every kept item from some t on, added as a
+    difference ``later[offsets[a] + a + t] += 1`` (slot ``offsets[a + 1] + a``
+    of each row: after all its items, never read); only the items in buckets
+    that hold a threshold are then placed one by one. The query itself is
+    skipped when ``skip_self``.
     """
     n_cols = scores.shape[1]
-    certain = np.empty(n_cols, dtype=np.int32)
+    keys = np.empty(n_cols, dtype=np.int64)
+    flagged = np.empty(n_cols, dtype=np.int64)
     for a in range(scores.shape[0]):
         first, last = offsets[a], offsets[a + 1]
         if first == last:
             continue
         row, query = scores[a], q_ids[a]
         self_col = query - g_start if skip_self and g_start <= query < g_start + n_cols else -1
-        if last - first <= search_above:
+        b_first, n_buckets = bucket_offsets[a], bucket_offsets[a + 1] - bucket_offsets[a]
+        if n_buckets == 0:
             for m in range(first, last):
                 hi_t, lo_t = above[m], below[m]
                 n_before, n_near = 0, 0
@@ -268,50 +351,66 @@ def _count_before(scores, g_start, queries, gallery, q_ids, skip_self, offsets, 
                 if n_near > n_before:  # near-ties: settle them exactly
                     for c in range(n_cols):
                         if lo_t <= row[c] <= hi_t and c != self_col and \
-                                _is_before(queries[query], gallery, g_start + c, rel_d[m], rel_i[m]):
+                                _is_before(queries[query], gallery, g_start + c, rel_d[m], rel_i[m], tolerance[a]):
                             n_before += 1
                 counts[m] += n_before
-        else:
-            # Binary search of every item at once, one step at a time over the row (vectorised gathers):
-            # after it, above[m] >= row[c] exactly for m < certain[c], so item c is certainly before
-            # kept items certain[c] .. last - 1.
-            kept_above, kept_below = above[first:last], below[first:last]
-            certain[:n_cols] = 0
-            width = last - first
-            while width > 1:
-                half = width // 2
-                for c in range(n_cols):
-                    certain[c] += np.int32(half) * np.int32(kept_above[certain[c] + half - 1] >= row[c])
-                width -= half
-            steps = np.zeros(last - first + 1, dtype=np.int64)  # counts by difference
-            for c in range(n_cols):
-                certain[c] += kept_above[certain[c]] >= row[c]
-                steps[certain[c]] += 1  # steps[last - first], after every item, is not read
-            if self_col >= 0:
-                steps[certain[self_col]] -= 1
-            for c in range(n_cols):  # near-ties: settle them exactly
-                t = certain[c]
-                if t > 0 and kept_below[t - 1] <= row[c] and c != self_col:
-                    for m in range(_first_under(kept_below, 0, t, np.nextafter(row[c], np.inf)), t):
-                        if rel_i[first + m] != g_start + c and \
-                                _is_before(queries[query], gallery, g_start + c, rel_d[first + m], rel_i[first + m]):
-                            steps[m] += 1
-                            steps[m + 1] -= 1
+            continue
+        base = first + a  # slot of kept item 0 in ``later``
+        low_a, scale_a, top = low[a], scale[a], np.float32(n_buckets - 2)
+        row_table = table[b_first:b_first + n_buckets]
+        for c in range(n_cols):  # vectorised
+            keys[c] = _bucket(row[c], low_a, scale_a, top)
+        n_flagged = 0
+        for c in range(n_cols):  # without branches: items of uncertain buckets go to the unread slot and the list
+            t = row_table[keys[c]]
+            later[base + (t if t >= 0 else last - first)] += 1
+            flagged[n_flagged] = c
+            n_flagged += t < 0
+        if self_col >= 0 and row_table[keys[self_col]] >= 0:
+            later[base + row_table[keys[self_col]]] -= 1
+        for f in range(n_flagged):
+            c = flagged[f]
+            if c == self_col:
+                continue
+            # Before kept items m .. on by the thresholds (past the bucket's uncertain ones, every upper
+            # threshold is below the score); then the near-ties below m, down to the first whose lower
+            # threshold is above the score, one by one.
+            score, start = row[c], first - 1 - row_table[keys[c]]
+            m = start
+            while m < last and above[m] >= score:
+                m += 1
+            later[base + m - first] += 1
+            m -= 1
+            while m >= start and below[m] <= score:
+                if rel_i[m] != g_start + c and _is_before(queries[query], gallery, g_start + c, rel_d[m], rel_i[m],
+                                                          tolerance[a]):
+                    later[base + m - first] += 1
+                    later[base + m - first + 1] -= 1
+                m -= 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _add_later(offsets, bucket_offsets, later, counts):
+    """Add the differences counted in ``later`` (see :func:`_count_before`) to ``counts``."""
+    for a in range(offsets.shape[0] - 1):
+        if bucket_offsets[a + 1] > bucket_offsets[a]:
             running = 0
-            for t in range(last - first):
-                running += steps[t]
-                counts[first + t] += running
+            for m in range(offsets[a], offsets[a + 1]):
+                running += later[m + a]
+                counts[m] += running
 
 
 @numba.njit(nogil=True, cache=True)
 def _positions_to_metrics(offsets, counts, n_relevant, drop_nearest, with_ap, ranks, ap, ap_at_r, r_prec):
     """First relevant rank, AP, AP@R and R-precision of each query from its kept relevant items' counts.
 
-    Kept item t (t-th relevant by exact order) is at position ``counts[t] + 1``.
-    ``drop_nearest`` removes the first item of the ranking: the first
-    relevant item when nothing precedes it, else an other item.
+    Kept item t is at position ``counts[t] + 1``; sorted, a query's positions
+    are those of its first, second, ... relevant item. ``drop_nearest``
+    removes the first item of the ranking: the first relevant item when
+    nothing precedes it, else an other item.
     """
     for a in range(n_relevant.shape[0]):
+        counts[offsets[a]:offsets[a + 1]] = np.sort(counts[offsets[a]:offsets[a + 1]])
         first, n_rel, lost = offsets[a], n_relevant[a], 0
         if drop_nearest and n_rel > 0:
             lost = 1
@@ -396,21 +495,6 @@ def _candidates(problem: _Ranking, gallery: _Gallery, q_ids: np.ndarray) -> tupl
             np.searchsorted(gallery.member_keys, keys, side="right"))
 
 
-def _in_threads(task, blocks: list[tuple[int, int]], workers: int) -> None:
-    """Run ``task(start, stop)`` over the blocks on ``workers`` threads, BLAS single-threaded.
-
-    Each thread runs its own GEMMs and kernels (which release the GIL), so one
-    thread pool is busy at a time and OpenBLAS's pool never spins against it.
-    """
-    with threadpool_limits(limits=1, user_api="blas"):
-        if workers <= 1:
-            for start, stop in blocks:
-                task(start, stop)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(lambda block: task(*block), blocks))
-
-
 def _query_blocks(kept: np.ndarray, size: int, state_bytes: int) -> list[tuple[int, int]]:
     """Consecutive query ranges of at most ``size`` queries and ``state_bytes`` of kept relevant items."""
     blocks, start, held = [], 0, 0
@@ -432,10 +516,15 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool) -> tuple[np.ndar
     itemsize = np.dtype(dtype).itemsize
     skip_self = problem.exclude == _EXCLUDE_INDEX
     drop_nearest = problem.exclude == _EXCLUDE_NEAREST
-    workers = max(1, min(numba.get_num_threads(), n_queries)) if n_queries * n_gallery >= _THREADS_FROM else 1
-    chunk = max(1, min(n_gallery, _GALLERY_CHUNK, block_bytes // itemsize))
-    size = max(1, min(_QUERY_BLOCK, -(-n_queries // workers), block_bytes // (itemsize * chunk)))
+    workers = min(thread_count(n_queries * n_gallery), n_queries)
 
+    def block_shape(widest):
+        """Gallery items and queries per GEMM block."""
+        chunk = max(1, min(n_gallery, widest, block_bytes // itemsize))
+        return chunk, max(1, min(_QUERY_BLOCK, _QUERY_BLOCK * _GALLERY_CHUNK // chunk, -(-n_queries // workers),
+                                 block_bytes // (itemsize * chunk)))
+
+    chunk, size = block_shape(_GALLERY_CHUNK)
     n_relevant = np.empty(n_queries, dtype=np.int64)
 
     def count_relevant(start, stop):
@@ -444,8 +533,10 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool) -> tuple[np.ndar
         _relevant_counts(q_ids, problem.query_keys, problem.gallery_keys, problem.multi, gallery.members, lo, hi,
                          skip_self, n_relevant[start:stop])
 
-    _in_threads(count_relevant, [(s, min(s + size, n_queries)) for s in range(0, n_queries, size)], workers)
+    in_threads(count_relevant, [(s, min(s + size, n_queries)) for s in range(0, n_queries, size)], workers)
     kept = n_relevant if with_ap else np.minimum(n_relevant, 1 + drop_nearest)
+    if np.median(kept) > _BUCKETS_ABOVE:
+        chunk, size = block_shape(_WIDE_CHUNK)
     ranks = np.empty(n_queries, dtype=np.int64)
     ap, ap_at_r, r_prec = (np.full(n_queries, np.nan) for _ in range(3))
 
@@ -462,7 +553,9 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool) -> tuple[np.ndar
                      + 4 * dim * 2.0 ** -1074) * (1.0 + 1e-6)
         _sorted_relevant(problem.queries, problem.gallery, q_ids, problem.query_keys, problem.gallery_keys,
                          problem.multi, gallery.members, lo, hi, skip_self, tolerance, offsets, rel_d, rel_i)
-        allowance = np.repeat(_rounding_allowance(q_norm, gallery.norm_max, dim, dtype, scale), kept[start:stop])
+        # Plus the tolerance of the relevant items' vectorised distances (rel_d), with room for rounding.
+        allowance = np.repeat(_rounding_allowance(q_norm, gallery.norm_max, dim, dtype, scale) + tolerance / scale ** 2,
+                              kept[start:stop])
         centre = np.repeat(q_sq, kept[start:stop]) - rel_d / scale ** 2  # twice the score at the exact distance
         above = _directed((centre + allowance) / 2.0, dtype, down=True)
         below = _directed((centre - allowance) / 2.0, dtype, down=False)
@@ -471,19 +564,28 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool) -> tuple[np.ndar
         augmented[:, dim] = -0.5
         items = np.empty((chunk, dim + 1), dtype=dtype)
         buffer = np.empty(len(q_ids) * chunk, dtype=dtype)
+        n_buckets = np.where(kept[start:stop] > _BUCKETS_ABOVE, _BUCKETS_PER_ITEM * kept[start:stop] + 2, 0)
+        bucket_offsets = np.concatenate([[0], np.cumsum(n_buckets)])
+        low, bucket_scale = np.empty(len(q_ids), dtype=dtype), np.empty(len(q_ids), dtype=dtype)
+        table = np.empty(bucket_offsets[-1], dtype=np.int32)
+        _bucket_tables(offsets, above, below, bucket_offsets, low, bucket_scale, table)
         counts = np.zeros(offsets[-1], dtype=np.int64)
+        later = np.zeros(offsets[-1] + len(q_ids), dtype=np.int64)
         for g_start in range(0, n_gallery, chunk):
             n = min(chunk, n_gallery - g_start)
             items[:n, :dim] = load_rows(problem.gallery, slice(g_start, g_start + n), dtype, scale)
             items[:n, dim] = gallery.norm_column[g_start:g_start + n]
             scores = buffer[:len(q_ids) * n].reshape(len(q_ids), n)
             np.matmul(augmented, items[:n].T, out=scores)  # q'.e' - |e'|^2 / 2
-            _count_before(scores, g_start, problem.queries, problem.gallery, q_ids, skip_self, offsets, above, below,
-                          rel_d, rel_i, _SEARCH_ABOVE, counts)
+            _count_before(scores, g_start, problem.queries, problem.gallery, q_ids, skip_self, tolerance, offsets,
+                          above, below, rel_d, rel_i, bucket_offsets, low, bucket_scale, table,
+                          counts, later)
+        _add_later(offsets, bucket_offsets, later, counts)
         _positions_to_metrics(offsets, counts, n_relevant[start:stop], drop_nearest, with_ap,
                               ranks[start:stop], ap[start:stop], ap_at_r[start:stop], r_prec[start:stop])
 
-    _in_threads(rank_block, _query_blocks(kept, size, block_bytes), workers)
+    # Kept relevant items of a block take at most the bytes of its scores, whatever the gallery size.
+    in_threads(rank_block, _query_blocks(kept, size, size * chunk * itemsize), workers)
     return ranks, ap, ap_at_r, r_prec
 
 
@@ -561,11 +663,11 @@ def average_precision(embeddings, labels, *, gallery=None, gallery_labels=None, 
     """Per-query AP over the full ranking, and AP@R.
 
     Parameters, and the memory used, are those of :func:`first_relevant_rank`,
-    but every relevant item of a query is kept (64 bytes each at the peak), so
-    a query block holds at most ``block_bytes // 64`` of them (at least one
-    query).
-    Cost: the GEMM, plus O(R) per gallery item and query for R <= 32 relevant
-    items, O(log R) beyond.
+    but every relevant item of a query is kept (about 96 bytes each at the
+    peak, with its score buckets), so a query block holds at most as many bytes of
+    them as of scores (at least one query's), whatever the gallery size.
+    Cost: the GEMM, plus O(R) per gallery item and query for R <= 10 relevant
+    items, O(1) beyond (plus O(R) per query and gallery chunk).
 
     Returns
     -------
