@@ -48,6 +48,34 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def sizes_of(args: argparse.Namespace, defaults: dict, p: argparse.ArgumentParser) -> dict:
+    """The run's sizes: ``defaults["quick"]`` or ``defaults["full"]`` (name -> value), each overridden
+    by its flag when given (``--cw-steps`` sets ``cw_steps``). A whole-number size below 1 is a usage
+    error (exit 2)."""
+    sizes = dict(defaults["quick" if args.quick else "full"])
+    for name in sizes:
+        if getattr(args, name, None) is not None:
+            sizes[name] = getattr(args, name)
+    for name, value in sizes.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, int) and v < 1 for v in values):
+            p.error(f"--{name.replace('_', '-')}: expected whole numbers >= 1, got {value}")
+    return sizes
+
+
+def command(script: str, sizes: dict, args: argparse.Namespace) -> str:
+    """The command that regenerates a page: ``python bench/SCRIPT``, ``--quick`` when given, every
+    size written out (None: left at its default), the seed, and the device when one was given."""
+    flags = ["--quick"] if args.quick else []
+    for name, value in sizes.items():
+        if value is not None:
+            values = value if isinstance(value, list) else [value]
+            flags.append(f"--{name.replace('_', '-')} " + " ".join(map(str, values)))
+    flags.append(f"--seed {args.seed}")
+    flags += [f"--device {args.device}"] if args.device else []
+    return f"python bench/{script} " + " ".join(flags)
+
+
 def _digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -161,6 +189,22 @@ class Experiment:
                         "diagnostics": diagnostics}, tmp)
         resume_file.unlink(missing_ok=True)
         return model.eval(), diagnostics.tolist()
+
+    def array(self, key: str, settings: dict, compute) -> np.ndarray:
+        """The NumPy array of ``compute()`` (e.g. attacked images), kept in the work folder as
+        ``KEY-DIGEST.npy`` (the digest of ``settings``) and loaded from there when present."""
+        path = self.work / f"{key}-{_digest(settings)}.npy"
+        if path.is_file() and not self.fresh:
+            self.log(f"{key}: finished before, loaded from {path}")
+            return np.load(path, allow_pickle=False)
+        self.log(f"{key}: running")
+        began = time.monotonic()
+        result = np.asarray(compute())
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, result, allow_pickle=False)
+        self.log(f"{key}: done in {time.monotonic() - began:.0f} s")
+        return result
 
     # ---- results --------------------------------------------------------------------------------
     def write(self, filename: str, text: str) -> Path:
