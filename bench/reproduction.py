@@ -107,9 +107,10 @@ class Experiment:
 
     # ---- data ---------------------------------------------------------------------------------
     def data(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Images (N, 1, 28, 28) float32 in [0, 1] and labels (N,) of Fashion-MNIST's ``split``
-        ("train" or "test"): the bundled subset in quick mode, the Debian package's full set
-        otherwise; the first ``limit`` of a fixed class-balanced order when ``limit`` is given."""
+        """Images (N, 1, 28, 28) uint8 (the backends read them as pixels in [0, 1]) and labels (N,)
+        of Fashion-MNIST's ``split`` ("train" or "test"): the bundled subset in quick mode, the
+        Debian package's full set otherwise; the first ``limit`` of a seeded class-balanced order
+        when ``limit`` is given."""
         source = f"{'bundled' if self.quick else 'fashion-mnist'}:{split}"
         data = load_dataset(source, name="data")
         images, labels = data.images, np.asarray(data.labels)
