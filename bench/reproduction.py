@@ -98,6 +98,20 @@ class Experiment:
         self.out.mkdir(parents=True, exist_ok=True)
         self.backend = TorchBackend(device=args.device)
         self.started = time.monotonic()
+        self.machine = self._machine()
+
+    def _machine(self) -> str:
+        """The machine, as it was when this work folder's run started (kept in it, so that a rerun
+        which loads the finished steps names the machine and load that computed them)."""
+        import torch
+
+        from machine import describe
+
+        record = self.work / "machine.txt"
+        if self.fresh or not record.is_file():
+            with atomic_path(record) as tmp:
+                tmp.write_text(describe(np, torch) + "\n")
+        return record.read_text().strip()
 
     # ---- messages -----------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -229,13 +243,9 @@ class Experiment:
 
     def header(self, title: str, command: str) -> str:
         """The opening lines of a results page: title, the command that regenerates it, the machine."""
-        import torch
-
-        from machine import describe
-
         mode = "quick (bundled subset, small sizes)" if self.quick else "full (Fashion-MNIST, 60,000 + 10,000 images)"
         return (f"## {title}\n\nRegenerate: `{command}`\n\nMode: {mode}; seed {self.seed}; device "
-                f"{self.backend.device}. Machine: {describe(np, torch)}.\n")
+                f"{self.backend.device}. Machine: {self.machine}.\n")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
