@@ -441,7 +441,7 @@ def run_suite(args) -> int:
     files = Files()
     partial = Path(str(args.out) + ".partial")
     try:
-        from minrr.backends.base import check_attack, check_whole
+        from minrr.backends.base import check_whole
         from minrr.backends.checkpoint import load_checkpoint
         from minrr.backends.ml_attacks import ROBRANK_ALPHA, ROBRANK_EPS, ROBRANK_STEPS, attack_items, robrank_suite
         from minrr.backends.torch_backend import TorchBackend

@@ -118,7 +118,7 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def _files(args) -> Files:
-    from minrr.backends.checkpoint import card_path, check_card_replaceable, check_weights_path
+    from minrr.backends.checkpoint import check_card_replaceable, check_weights_path
 
     check_weights_path(args.out, name="--out")
     files = Files.of(args, inputs=["--data", "--labels", "--test-data", "--test-labels"])
