@@ -14,6 +14,7 @@ from minrr.metrics.retrieval import (
     first_relevant_rank,
     map_at_r,
     mean_average_precision,
+    query_statistics,
     r_precision,
     recall_at_k,
 )
@@ -114,6 +115,32 @@ def test_metrics_match_the_brute_force_oracle(problem):
     assert recall_at_k(q, yq, 1, **kw) == pytest.approx(want_recall[0], rel=1e-12)
     assert mean_average_precision(q, yq, **kw) == pytest.approx(np.mean(want_ap[answerable]), rel=1e-12)
     assert map_at_r(q, yq, **kw) == pytest.approx(np.mean(want_ap_r[answerable]), rel=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(retrieval_problems(), st.data())
+def test_query_statistics_of_row_chunks_concatenate_to_the_whole(problem, data):
+    """Chunks of queries computed apart (as on a cluster) give each query the oracle's values."""
+    q, g, yq, yg, own_gallery, exclude, block_bytes = problem
+    kw = _kwargs(g, yg, own_gallery, exclude, block_bytes)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(q) - 1), max_size=3)) if len(q) > 1 else []))
+    bounds = [0, *cuts, len(q)]
+    parts = [query_statistics(q, yq, rows=(a, b), **kw) for a, b in zip(bounds, bounds[1:])]
+    joined = [np.concatenate(columns) for columns in zip(*parts)]
+    whole = query_statistics(q, yq, **kw)
+    for got, want in zip(joined, whole):
+        np.testing.assert_array_equal(got, want)
+    expected = [oracle_metrics(f) for f in oracle_ranked_relevance(q, g, yq, yg, exclude)]
+    np.testing.assert_array_equal(whole.first_relevant_rank, [e[0] for e in expected])
+    np.testing.assert_allclose(whole.average_precision, [e[1] for e in expected], rtol=1e-12)
+    np.testing.assert_allclose(whole.ap_at_r, [e[2] for e in expected], rtol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [(0, 0), (2, 1), (-1, 3), (0, 6), (0.5, 2), "ab"])
+def test_bad_rows_are_refused(rows):
+    x, y = np.eye(5), np.array([0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match="^rows: expected"):
+        query_statistics(x, y, rows=rows)
 
 
 @settings(max_examples=40, deadline=None)

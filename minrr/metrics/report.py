@@ -23,9 +23,9 @@ from typing import Sequence
 import numpy as np
 
 from .clustering import kmeans_nmi
-from .retrieval import average_precision, r_precision, recall_at_k
+from .retrieval import QueryStatistics, mean_over_answerable, query_statistics
 
-__all__ = ["retrieval_metrics", "recall_key"]
+__all__ = ["retrieval_metrics", "summarise", "recall_ks", "recall_key"]
 
 
 def recall_key(k: int) -> str:
@@ -33,9 +33,37 @@ def recall_key(k: int) -> str:
     return "precision_at_1" if k == 1 else f"recall_at_{k}"
 
 
+def recall_ks(ks: int | Sequence[int]) -> list[int]:
+    """The k of Recall@k to report for ``ks``: 1 and each k given, increasing (each checked >= 1)."""
+    k_array = np.atleast_1d(np.asarray(ks))
+    if k_array.ndim != 1 or k_array.size == 0 or k_array.dtype.kind not in "iu" or np.any(k_array < 1):
+        raise ValueError(f"ks: expected a whole number >= 1 or a list of them, got {ks!r}")
+    return sorted({1, *k_array.tolist()})
+
+
+def summarise(statistics: QueryStatistics, ks: int | Sequence[int] = (1, 2, 4, 8)) -> dict[str, float]:
+    """The retrieval metrics (no NMI) of per-query statistics, keyed as :func:`retrieval_metrics` keys them.
+
+    ``statistics`` may be chunks of queries computed apart and concatenated
+    (:func:`minrr.metrics.retrieval.query_statistics` with ``rows``): the result is that of the whole.
+    """
+    k_values = np.asarray(recall_ks(ks))
+    ranks = statistics.first_relevant_rank
+    hits = (ranks[:, None] <= k_values[None, :]).astype(np.float64)
+    metrics = {recall_key(k): float(r) for k, r in zip(k_values.tolist(), mean_over_answerable(hits, ranks > 0))}
+    for key, values in (("mean_average_precision", statistics.average_precision),
+                        ("mean_average_precision_at_r", statistics.ap_at_r),
+                        ("r_precision", statistics.r_precision)):
+        metrics[key] = float(mean_over_answerable(values, ~np.isnan(values)))
+    return metrics
+
+
 def retrieval_metrics(embeddings, labels, *, ks: int | Sequence[int] = (1, 2, 4, 8), gallery=None,
                       gallery_labels=None, exclude=None, seed: int = 0) -> dict[str, float]:
     """Recall@k, mAP, mAP@R, R-precision and NMI, keyed as pytorch-metric-learning keys them.
+
+    One pass over the gallery gives every retrieval metric
+    (:func:`minrr.metrics.retrieval.query_statistics`).
 
     Parameters
     ----------
@@ -51,17 +79,9 @@ def retrieval_metrics(embeddings, labels, *, ks: int | Sequence[int] = (1, 2, 4,
     order, ``mean_average_precision``, ``mean_average_precision_at_r``, ``r_precision``,
     and ``NMI`` when the labels are single labels (NMI of the queries' clusters).
     """
-    k_array = np.atleast_1d(np.asarray(ks))
-    if k_array.ndim != 1 or k_array.size == 0 or k_array.dtype.kind not in "iu" or np.any(k_array < 1):
-        raise ValueError(f"ks: expected a whole number >= 1 or a list of them, got {ks!r}")
-    k_values = sorted({1, *k_array.tolist()})
-    ranking = {"gallery": gallery, "gallery_labels": gallery_labels, "exclude": exclude}
-    recall = recall_at_k(embeddings, labels, k_values, **ranking)
-    metrics = {recall_key(k): float(r) for k, r in zip(k_values, recall)}
-    ap, ap_at_r = average_precision(embeddings, labels, **ranking)
-    metrics["mean_average_precision"] = float(np.nanmean(ap))  # recall_at_k refused a set without any
-    metrics["mean_average_precision_at_r"] = float(np.nanmean(ap_at_r))
-    metrics["r_precision"] = r_precision(embeddings, labels, **ranking)
+    recall_ks(ks)  # checked before the work
+    metrics = summarise(query_statistics(embeddings, labels, gallery=gallery, gallery_labels=gallery_labels,
+                                         exclude=exclude), ks)
     if np.asarray(labels).ndim == 1:
         metrics["NMI"] = kmeans_nmi(embeddings, labels, seed=seed)
     return metrics

@@ -67,6 +67,7 @@ query's), plus O(1) numbers per gallery item (norms, label groups).
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Sequence
 
 import numba
@@ -78,12 +79,15 @@ from minrr.margin import (cast_error, distance_allowance, embedding_scale, gamma
                           squared_norms, thread_count)
 
 __all__ = [
+    "QueryStatistics",
+    "query_statistics",
     "first_relevant_rank",
     "recall_at_k",
     "average_precision",
     "mean_average_precision",
     "map_at_r",
     "r_precision",
+    "mean_over_answerable",
 ]
 
 BLOCK_BYTES = 64 * 2**20
@@ -507,9 +511,13 @@ def _query_blocks(kept: np.ndarray, size: int, state_bytes: int) -> list[tuple[i
     return blocks
 
 
-def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool) -> tuple[np.ndarray, ...]:
-    """First relevant rank of every query, and (``with_ap``) AP, AP@R and R-precision (else NaN)."""
-    n_queries, dim = problem.queries.shape
+def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool, rows: range | None = None) -> tuple[np.ndarray, ...]:
+    """First relevant rank of queries ``rows`` (default: all), and (``with_ap``) AP, AP@R and R-precision (else NaN).
+
+    Returns (len(rows),) arrays; a query's values do not depend on ``rows``.
+    """
+    rows = range(problem.queries.shape[0]) if rows is None else rows
+    first_row, n_queries, dim = rows.start, len(rows), problem.queries.shape[1]
     n_gallery = problem.gallery.shape[0]
     gallery = _gallery_state(problem)
     dtype, scale = _GEMM_DTYPE, gallery.scale
@@ -528,7 +536,7 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool) -> tuple[np.ndar
     n_relevant = np.empty(n_queries, dtype=np.int64)
 
     def count_relevant(start, stop):
-        q_ids = np.arange(start, stop)
+        q_ids = np.arange(first_row + start, first_row + stop)
         lo, hi = _candidates(problem, gallery, q_ids)
         _relevant_counts(q_ids, problem.query_keys, problem.gallery_keys, problem.multi, gallery.members, lo, hi,
                          skip_self, n_relevant[start:stop])
@@ -541,13 +549,13 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool) -> tuple[np.ndar
     ap, ap_at_r, r_prec = (np.full(n_queries, np.nan) for _ in range(3))
 
     def rank_block(start, stop):
-        q_ids = np.arange(start, stop)
+        q_ids = np.arange(first_row + start, first_row + stop)
         offsets = np.concatenate([[0], np.cumsum(kept[start:stop])])
         rel_d, rel_i = np.empty(offsets[-1]), np.empty(offsets[-1], dtype=np.int64)
         lo, hi = _candidates(problem, gallery, q_ids)
-        cast = load_rows(problem.queries, slice(start, stop), dtype, scale)
+        cast = load_rows(problem.queries, slice(q_ids[0], q_ids[-1] + 1), dtype, scale)
         q_sq = squared_norms(cast, dtype, 1.0)
-        q_norm = np.sqrt(squared_norms(problem.queries[start:stop], np.float64, scale))
+        q_norm = np.sqrt(squared_norms(problem.queries[q_ids[0]:q_ids[-1] + 1], np.float64, scale))
         # Two float64 sums of the same dim + 2 rounded terms differ by at most 2 gamma_{dim+2} (|q| + |e|)^2.
         tolerance = (4.0 * gamma(dim + 2, np.float64) * ((q_norm + gallery.norm_max) * scale) ** 2
                      + 4 * dim * 2.0 ** -1074) * (1.0 + 1e-6)
@@ -589,6 +597,49 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool) -> tuple[np.ndar
     return ranks, ap, ap_at_r, r_prec
 
 
+class QueryStatistics(NamedTuple):
+    """What every metric averages, per query: (n,) arrays for n queries."""
+
+    first_relevant_rank: np.ndarray  # int64 r, 0 for a query without relevant items
+    average_precision: np.ndarray  # float64 AP, NaN without relevant items
+    ap_at_r: np.ndarray  # float64 AP@R, likewise
+    r_precision: np.ndarray  # float64, likewise
+
+
+def query_statistics(embeddings, labels, *, gallery=None, gallery_labels=None, exclude=None,
+                     rows: tuple[int, int] | None = None, block_bytes: int = BLOCK_BYTES) -> QueryStatistics:
+    """First relevant rank, AP, AP@R and R-precision of each query, in one pass over the gallery.
+
+    The means of these (over the queries with a relevant item) are every metric of
+    this module, so a caller that wants them all pays for one pass, not one per metric.
+
+    Parameters
+    ----------
+    embeddings, labels, gallery, gallery_labels, exclude, block_bytes : as :func:`first_relevant_rank`.
+    rows : (start, stop), optional
+        Only queries ``start .. stop - 1`` (default: all), still ranked against the
+        whole gallery, leaving out what ``exclude`` says (with ``"index"``, query i
+        leaves out item i of the embeddings). A query's values do not depend on
+        ``rows``, so chunks of queries can be computed apart, on other machines,
+        and concatenated.
+
+    Returns
+    -------
+    :class:`QueryStatistics` of (stop - start,) arrays.
+    """
+    problem = _prepare(embeddings, labels, gallery, gallery_labels, exclude, block_bytes)
+    n_queries = problem.queries.shape[0]
+    if rows is None:
+        rows = (0, n_queries)
+    try:
+        start, stop = (int(operator.index(v)) for v in rows)
+    except (TypeError, ValueError):
+        raise ValueError(f"rows: expected (start, stop) whole numbers, got {rows!r}") from None
+    if not 0 <= start < stop <= n_queries:
+        raise ValueError(f"rows: expected 0 <= start < stop <= {n_queries} (the queries), got {rows!r}")
+    return QueryStatistics(*_ranked(problem, block_bytes, with_ap=True, rows=range(start, stop)))
+
+
 def _first_relevant_rank(problem: _Ranking, block_bytes: int) -> np.ndarray:
     return _ranked(problem, block_bytes, with_ap=False)[0]
 
@@ -598,7 +649,8 @@ def _precisions(problem: _Ranking, block_bytes: int) -> tuple[np.ndarray, np.nda
     return _ranked(problem, block_bytes, with_ap=True)[1:]
 
 
-def _mean_over_answerable(values: np.ndarray, answerable: np.ndarray) -> np.ndarray:
+def mean_over_answerable(values: np.ndarray, answerable: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 of ``values[answerable]``, the queries with a relevant item; refuses none."""
     if not answerable.any():
         raise ValueError("labels: no query has a relevant gallery item; the metric is undefined")
     return values[answerable].mean(axis=0)
@@ -654,7 +706,7 @@ def recall_at_k(embeddings, labels, ks: int | Sequence[int] = 1, *, gallery=None
         raise ValueError(f"ks: expected a whole number >= 1 or a list of them, got {ks!r}")
     ranks = _first_relevant_rank(problem, block_bytes)
     hits = ranks[:, None] <= k_values[None, :]
-    recall = _mean_over_answerable(hits.astype(np.float64), ranks > 0)
+    recall = mean_over_answerable(hits.astype(np.float64), ranks > 0)
     return float(recall[0]) if np.ndim(ks) == 0 else recall
 
 
@@ -688,7 +740,7 @@ def mean_average_precision(embeddings, labels, *, gallery=None, gallery_labels=N
     """
     ap, _ = average_precision(embeddings, labels, gallery=gallery, gallery_labels=gallery_labels,
                               exclude=exclude, block_bytes=block_bytes)
-    return float(_mean_over_answerable(ap, ~np.isnan(ap)))
+    return float(mean_over_answerable(ap, ~np.isnan(ap)))
 
 
 def map_at_r(embeddings, labels, *, gallery=None, gallery_labels=None, exclude=None,
@@ -701,7 +753,7 @@ def map_at_r(embeddings, labels, *, gallery=None, gallery_labels=None, exclude=N
     """
     _, ap_at_r = average_precision(embeddings, labels, gallery=gallery, gallery_labels=gallery_labels,
                                    exclude=exclude, block_bytes=block_bytes)
-    return float(_mean_over_answerable(ap_at_r, ~np.isnan(ap_at_r)))
+    return float(mean_over_answerable(ap_at_r, ~np.isnan(ap_at_r)))
 
 
 def r_precision(embeddings, labels, *, gallery=None, gallery_labels=None, exclude=None,
@@ -714,4 +766,4 @@ def r_precision(embeddings, labels, *, gallery=None, gallery_labels=None, exclud
     """
     problem = _prepare(embeddings, labels, gallery, gallery_labels, exclude, block_bytes)
     r_prec = _precisions(problem, block_bytes)[2]
-    return float(_mean_over_answerable(r_prec, ~np.isnan(r_prec)))
+    return float(mean_over_answerable(r_prec, ~np.isnan(r_prec)))
