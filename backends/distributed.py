@@ -15,7 +15,10 @@ gathered in chunk order by :func:`in_order`, are those of the single-process run
 * :func:`worker_model` loads a checkpoint once per worker process, checked against the
   SHA-256 of the weights that the client saw;
 * :func:`search_shards` runs Hamming top-k over a database stored as a folder of ``.npy``
-  shards, one task per shard, and merges the lists by (distance, index).
+  shards, one task per shard, and merges the lists by (distance, index);
+* :func:`query_statistics_chunks` computes the per-query values behind every retrieval
+  metric (:func:`minrr.metrics.retrieval.query_statistics`) in chunks of queries, each
+  worker holding the whole gallery (loaded once per worker from a file or a folder of shards).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import numpy as np
 
 from minrr import hamming
 
-__all__ = ["connect", "in_order", "use_worker_threads", "worker_model", "shard_paths", "shard_rows",
-           "search_shards"]
+__all__ = ["connect", "in_order", "use_worker_threads", "worker_model", "shard_rows", "search_shards",
+           "worker_rows_file", "query_statistics_chunks"]
 
 
 @contextlib.contextmanager
@@ -152,17 +155,6 @@ def worker_model(path, sha256: str, device: str = "cpu"):
     return _MODELS[key]
 
 
-def shard_paths(folder, *, name: str = "database") -> list[Path]:
-    """The ``.npy`` shards of a folder, in the order of their file names (their rows' order)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{name}: {folder} is not a folder of .npy shards")
-    shards = sorted(p for p in folder.iterdir() if p.suffix == ".npy" and p.is_file())
-    if not shards:
-        raise ValueError(f"{name}: {folder} holds no .npy shard")
-    return shards
-
-
 def shard_rows(path) -> int:
     """Rows of one shard (its header only), refusing a shard that is not (N >= 1, K) codes."""
     from minrr.io import load_npy
@@ -203,7 +195,87 @@ def search_shards(client, shards: list, queries, k: int, *, packed: bool = False
     sizes = [shard_rows(p) for p in shards]  # headers only, read here so a bad shard fails early
     k = hamming.check_k(k, int(sum(sizes)))
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    shared = np.asarray(queries) if client is None else client.scatter(np.asarray(queries), broadcast=True)
+    shared = np.asarray(queries)
+    if client is not None:
+        shared = client.scatter(shared, broadcast=True, hash=False)
     parts = list(in_order(client, _search_shard, [(str(p), int(o)) for p, o in zip(shards, offsets)],
                           shared, k, packed))
     return hamming.merge_top_k([d for d, _ in parts], [i for _, i in parts], k)
+
+
+_ROWS: dict[str, tuple[tuple, np.ndarray]] = {}
+
+
+def _file_version(path) -> tuple:
+    """What identifies the contents of a file or of a folder's shards: names, sizes and modification times."""
+    from minrr.io import shard_paths
+
+    files = shard_paths(path, name=str(path)) if Path(path).is_dir() else [Path(path)]
+    return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+def worker_rows_file(path, name: str) -> np.ndarray:
+    """:func:`minrr.io.load_rows_file` of ``path``, loaded once per process for ``name`` (a worker's cache).
+
+    Loaded again when the files change (names, sizes, times); one array is kept per ``name``.
+    """
+    from minrr.io import load_rows_file
+
+    version = _file_version(path)
+    if name not in _ROWS or _ROWS[name][0] != version:
+        _ROWS.pop(name, None)  # free the old array before loading the new one
+        _ROWS[name] = (version, load_rows_file(path, name=name))
+    return _ROWS[name][1]
+
+
+def _statistics_chunk(rows: tuple[int, int], inputs: dict, exclude, block_bytes: int):
+    from minrr.metrics.retrieval import query_statistics
+
+    use_worker_threads()
+    arrays = {name: worker_rows_file(value, name) if isinstance(value, (str, Path)) else value
+              for name, value in inputs.items()}
+    return query_statistics(arrays["embeddings"], arrays["labels"], gallery=arrays.get("gallery"),
+                            gallery_labels=arrays.get("gallery_labels"), exclude=exclude, rows=rows,
+                            block_bytes=block_bytes)
+
+
+def query_statistics_chunks(client, embeddings, labels, *, gallery=None, gallery_labels=None, exclude=None,
+                            chunk_size: int | None = None, block_bytes: int | None = None):
+    """:func:`minrr.metrics.retrieval.query_statistics` of every query, ``chunk_size`` queries per task.
+
+    Each input is an array (sent once to every worker) or the path of a ``.npy`` file or
+    of a folder of ``.npy`` shards (:func:`minrr.io.load_rows_file`), which every worker
+    loads once from its own file system: give paths on a cluster with shared storage. A
+    task ranks its queries against the whole gallery; a query's values do not depend on
+    its chunk, so the concatenation equals the single-process result exactly, for any
+    chunk size and any number of workers (``client`` None: one chunk after the other here).
+    ``chunk_size`` defaults to N / (4 x the cluster's threads), at least 256 queries, so
+    that every thread gets about as many chunks.
+
+    Returns
+    -------
+    :class:`minrr.metrics.retrieval.QueryStatistics` of (N,) arrays for the N queries.
+    """
+    from minrr.io import rows_shape
+    from minrr.metrics.retrieval import BLOCK_BYTES, QueryStatistics
+
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a whole number >= 1, got {chunk_size!r}")
+    inputs = {name: value for name, value in (("embeddings", embeddings), ("labels", labels), ("gallery", gallery),
+                                              ("gallery_labels", gallery_labels)) if value is not None}
+    shapes = {name: rows_shape(value, name=name) if isinstance(value, (str, Path)) else np.shape(value)
+              for name, value in inputs.items()}
+    if not shapes["embeddings"]:
+        raise ValueError(f"embeddings: expected (N, dim) embeddings, got shape {shapes['embeddings']}")
+    n_queries = shapes["embeddings"][0]
+    if chunk_size is None:
+        threads = 1 if client is None else sum(client.nthreads().values())
+        chunk_size = max(256, -(-n_queries // (4 * threads)))
+    if client is not None:
+        # hash=False: a fresh key per call, never one that an earlier call's release is about to drop
+        inputs = {name: str(value) if isinstance(value, (str, Path)) else
+                  client.scatter(np.asarray(value), broadcast=True, hash=False) for name, value in inputs.items()}
+    chunks = [(start, min(start + chunk_size, n_queries)) for start in range(0, max(n_queries, 1), chunk_size)]
+    parts = list(in_order(client, _statistics_chunk, chunks, inputs, exclude, block_bytes or BLOCK_BYTES))
+    return QueryStatistics(*(np.concatenate(column) for column in zip(*parts)))

@@ -8,10 +8,14 @@ Two jobs, each timed both ways, alternating, best of ``--rounds``:
   included. The rows are checked equal (all columns but ``time``).
 * Hamming search: 20,000 queries x 1,000,000 codes of 64 bits, k = 100 (a job of seconds: Dask
   spends milliseconds on each task, which a 0.1 s job would mostly measure). One process with Numba
-  on 2 threads over one file against 4 shards on 2 workers x 1 Numba thread. Results checked
-  equal.
+  on 2 threads over one file against the same codes in 2 shards (one per worker, as the README's
+  plan lays a database out) and in 4 shards, on 2 workers x 1 Numba thread. Results checked equal.
+* Retrieval metrics (``minrr.metrics.retrieval.query_statistics``, every metric but NMI): 20,000
+  random embeddings of 512 dimensions in 5,000 classes, queries = gallery, in one process on 2
+  Numba threads against chunks of queries (the default size) on 2 workers x 1 thread, each worker
+  loading the embeddings from a folder of shards. Results checked equal.
 
-Run: ``python bench/bench_distributed.py`` (about 5 minutes on 2 cores); writes
+Run: ``python bench/bench_distributed.py`` (about 6 minutes on 2 cores); writes
 ``bench/results/distributed.md`` with the machine. Target: overhead at most 10%.
 """
 
@@ -59,6 +63,17 @@ def bench_certify(root: Path, queries: int, samples: int, rounds: int) -> dict:
     return {name: min(values) for name, values in times.items()}
 
 
+def _alternating(rounds: int, ways: dict) -> dict:
+    """Best of ``rounds`` seconds of each way, the ways run one after the other in each round."""
+    times = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, run in ways.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: min(values) for name, values in times.items()}
+
+
 def bench_search(root: Path, n_queries: int, rounds: int) -> dict:
     import numba
 
@@ -68,26 +83,50 @@ def bench_search(root: Path, n_queries: int, rounds: int) -> dict:
     rng = np.random.default_rng(0)
     database = rng.integers(0, 256, size=(1_000_000, 8), dtype=np.uint8)
     queries = rng.integers(0, 256, size=(n_queries, 8), dtype=np.uint8)
-    folder = root / "shards"
-    folder.mkdir()
-    for s in range(4):
-        np.save(folder / f"shard-{s:05d}.npy", database[s * 250_000:(s + 1) * 250_000])
+    layouts = {}
+    for n_shards in (2, 4):
+        folder = root / f"shards-{n_shards}"
+        folder.mkdir()
+        size = len(database) // n_shards
+        for s in range(n_shards):
+            np.save(folder / f"shard-{s:05d}.npy", database[s * size:(s + 1) * size])
+        layouts[n_shards] = sorted(folder.glob("*.npy"))
     np.save(root / "db.npy", database)
-    shards = sorted(folder.glob("*.npy"))
     numba.set_num_threads(2)
-    times = {"one process": [], "dask": []}
     with connect(workers=2) as client:
         expected = hamming.search(queries, np.load(root / "db.npy", mmap_mode="r"), 100, packed=True)
-        got = search_shards(client, shards, queries, 100, packed=True)  # warm-up (compiles on the workers)
-        assert all(np.array_equal(a, b) for a, b in zip(got, expected))
-        for _ in range(rounds):
-            started = time.perf_counter()
-            hamming.search(queries, np.load(root / "db.npy", mmap_mode="r"), 100, packed=True)
-            times["one process"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            search_shards(client, shards, queries, 100, packed=True)
-            times["dask"].append(time.perf_counter() - started)
-    return {name: min(values) for name, values in times.items()}
+        for shards in layouts.values():  # warm-up (compiles on the workers), and the check
+            got = search_shards(client, shards, queries, 100, packed=True)
+            assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+        ways = {"one process": lambda: hamming.search(queries, np.load(root / "db.npy", mmap_mode="r"), 100,
+                                                      packed=True)}
+        for n_shards, shards in layouts.items():
+            ways[f"dask {n_shards}"] = lambda shards=shards: search_shards(client, shards, queries, 100, packed=True)
+        return _alternating(rounds, ways)
+
+
+def bench_evaluate(root: Path, n: int, dim: int, classes: int, rounds: int) -> dict:
+    import numba
+
+    from minrr.backends.distributed import connect, query_statistics_chunks
+    from minrr.metrics.retrieval import query_statistics
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    y = rng.integers(0, classes, n)
+    folder = root / "embeddings"
+    folder.mkdir()
+    for s, start in enumerate(range(0, n, n // 4)):
+        np.save(folder / f"part-{s:05d}.npy", x[start:start + n // 4])
+    np.save(root / "labels.npy", y)
+    numba.set_num_threads(2)
+    with connect(workers=2) as client:
+        expected = query_statistics(x, y)
+        got = query_statistics_chunks(client, str(folder), str(root / "labels.npy"))  # warm-up, and the check
+        assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, expected))
+        return _alternating(rounds, {
+            "one process": lambda: query_statistics(x, y),
+            "dask": lambda: query_statistics_chunks(client, str(folder), str(root / "labels.npy"))})
 
 
 def main() -> None:
@@ -99,25 +138,31 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=48)
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--search-queries", type=int, default=20_000)
+    parser.add_argument("--evaluate-size", type=int, default=20_000, help="embeddings of the metrics job")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "distributed.md"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         certify = bench_certify(Path(tmp), args.queries, args.samples, args.rounds)
         search = bench_search(Path(tmp), args.search_queries, args.rounds)
+        evaluate = bench_evaluate(Path(tmp), args.evaluate_size, 512, args.evaluate_size // 4, args.rounds)
     lines = ["# Dask path against one process (`bench/bench_distributed.py`)", "",
              f"Command: `python bench/bench_distributed.py --queries {args.queries} --samples {args.samples} "
-             f"--search-queries {args.search_queries} --rounds {args.rounds}`", "",
+             f"--search-queries {args.search_queries} --evaluate-size {args.evaluate_size} --rounds {args.rounds}`",
+             "",
              f"Machine: {describe(np, torch, numba, distributed)}", "",
              "Same total thread count both ways (2): one process on 2 threads against a local cluster of "
              "2 worker processes x 1 thread, cluster start included for certify. Best of the rounds, the two "
              "ways alternating. Results checked equal (certify: every column but `time`).", "",
              "| job | one process (s) | Dask (s) | overhead |", "|---|---:|---:|---:|"]
-    for name, result in ((f"certify --model, {args.queries} queries x {args.samples} draws, small-cnn", certify),
-                         (f"Hamming search, {args.search_queries:,} x 1,000,000 x 64 bits, k = 100, 4 shards",
-                          search)):
-        overhead = result["dask"] / result["one process"] - 1
-        lines.append(f"| {name} | {result['one process']:.2f} | {result['dask']:.2f} | {100 * overhead:+.1f}% |")
+    search_name = f"Hamming search, {args.search_queries:,} x 1,000,000 x 64 bits, k = 100"
+    jobs = [(f"certify --model, {args.queries} queries x {args.samples} draws, small-cnn", certify, "dask"),
+            (f"{search_name}, 2 shards", search, "dask 2"), (f"{search_name}, 4 shards", search, "dask 4"),
+            (f"retrieval metrics (query_statistics), {args.evaluate_size:,} x 512, {args.evaluate_size // 4:,} "
+             "classes, queries = gallery", evaluate, "dask")]
+    for name, result, way in jobs:
+        overhead = result[way] / result["one process"] - 1
+        lines.append(f"| {name} | {result['one process']:.2f} | {result[way]:.2f} | {100 * overhead:+.1f}% |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)

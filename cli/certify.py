@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from minrr import bounds
+from minrr.cli.cluster import add_cluster_flags, check_cluster_flags
 from minrr.cli.flags import flag_message
 from minrr.io import load_npy
 
@@ -100,15 +101,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, metavar="B",
                    help="with --model, noisy copies per forward pass (default: 1000); results do not depend on it "
                         "beyond floating-point rounding")
-    scale = p.add_argument_group("scale-out on a Dask cluster (with --model; needs minrr[distributed])")
-    scale.add_argument("--scheduler", metavar="ADDRESS",
-                       help="address of a running Dask scheduler, e.g. tcp://10.0.0.1:8786 (a Slurm or Kubernetes "
-                            "cluster started with dask-jobqueue or dask-kubernetes); each worker loads --model once")
-    scale.add_argument("--workers", type=int, metavar="K", help="start a local Dask cluster of K worker processes")
-    scale.add_argument("--chunk-size", type=int, default=8, metavar="C",
-                       help="queries per task (default: 8); the rows do not depend on it, nor on the workers")
-    scale.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
-                       help="torch threads of each worker (default: 1; local workers get T threads each)")
+    add_cluster_flags(p, title="scale-out on a Dask cluster (with --model; needs minrr[distributed])",
+                      work="each worker loads --model once", chunk=("queries", 8, "8"))
     p.add_argument("--out", metavar="results.tsv",
                    help="write one row per query (TSV); with --model, rows go to results.tsv.partial as they "
                         "are made, and a rerun with the same settings resumes from it")
@@ -174,9 +168,8 @@ def _check_model_arguments(args) -> None:
         raise ValueError("--samples: required with --model (noisy copies of each query)")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a whole number >= 1, got {args.batch_size}")
-    if args.scheduler is not None and args.workers is not None:
-        raise ValueError("--workers: give either --scheduler (a running cluster) or --workers (a local one)")
-    for flag in ("skip", "max", "workers", "chunk_size", "threads_per_worker"):
+    check_cluster_flags(args)
+    for flag in ("skip", "max"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected a whole number >= 1, got {getattr(args, flag)}")
 

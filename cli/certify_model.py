@@ -27,6 +27,7 @@ import numpy as np
 
 from minrr import bounds
 from minrr.certify import CertifyResult, certify
+from minrr.cli.cluster import cluster, on_cluster
 from minrr.data.loaders import load_dataset
 from minrr.io import check_positive, check_probability
 from minrr.progress import progress_bar
@@ -242,7 +243,7 @@ def _distributed_rows(args, card: dict, queries, todo, gallery_embeddings, galle
     """Rows of the queries ``todo`` from a Dask cluster, ``--chunk-size`` queries per task, yielded
     chunk by chunk in order as they finish (see :mod:`minrr.backends.distributed`). Each task carries
     its own queries' images; the gallery is sent once to every worker."""
-    from minrr.backends.distributed import connect, in_order
+    from minrr.backends.distributed import in_order
 
     def jobs():
         for c in range(0, len(todo), args.chunk_size):
@@ -250,8 +251,9 @@ def _distributed_rows(args, card: dict, queries, todo, gallery_embeddings, galle
             span = slice(chunk[0], chunk[-1] + 1)
             yield chunk, queries.images[span], queries.labels[span]
 
-    with connect(args.scheduler, args.workers, threads_per_worker=args.threads_per_worker) as client:
-        shared = [client.scatter(x, broadcast=True) for x in (gallery_embeddings, np.asarray(gallery_labels))]
+    with cluster(args) as client:
+        shared = [client.scatter(x, broadcast=True, hash=False)
+                  for x in (gallery_embeddings, np.asarray(gallery_labels))]
         yield from in_order(client, _worker_rows, jobs(), str(Path(args.model).resolve()), card["weights"]["sha256"],
                             device, *shared, options)
 
@@ -316,7 +318,7 @@ def run_model(args) -> tuple[list[CertifyResult], str, ResumableTSV | None]:
         gallery_embeddings = backend.embed(model, gallery.images, batch_size=batch_size, progress=True)
         todo = indices[len(rows.rows):]
         with progress_bar(len(indices), True, "query", initial=len(rows.rows)) as bar:
-            if args.scheduler is None and args.workers is None:
+            if not on_cluster(args):
                 chunks = (certify_rows(model, backend, queries.images, queries.labels, [i], gallery_embeddings,
                                        gallery.labels, options) for i in todo)
             else:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minrr.cli.cluster import add_cluster_flags, check_cluster_flags, cluster, on_cluster
 from minrr.cli.outputs import Files
 from minrr.io import load_npy
 
@@ -37,10 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--labels", metavar="ql.npy",
                    help="query labels, (n_queries,) integers or (n_queries, C) multi-hot: report mAP@K")
     p.add_argument("--database-labels", metavar="dl.npy", help="database labels, like --labels")
-    p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="with a folder of shards: search them on this Dask scheduler (needs minrr[distributed])")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="with a folder of shards: search them on a local Dask cluster of N worker processes")
+    add_cluster_flags(p, title="a folder of shards on a Dask cluster (needs minrr[distributed])",
+                      work="each worker searches whole shards, memory-mapped from its own file system")
     p.set_defaults(run=run)
 
 
@@ -65,11 +64,11 @@ def _search(args, database, queries):
 
     if not isinstance(database, ShardedCodes):
         return hamming.search(queries, database, args.top_k, packed=args.packed, progress=True)
-    from minrr.backends.distributed import connect, search_shards
+    from minrr.backends.distributed import search_shards
 
-    if args.scheduler is None and args.workers is None:
+    if not on_cluster(args):
         return search_shards(None, database.shards, queries, args.top_k, packed=args.packed)
-    with connect(args.scheduler, args.workers) as client:
+    with cluster(args) as client:
         return search_shards(client, database.shards, queries, args.top_k, packed=args.packed)
 
 
@@ -79,14 +78,12 @@ def _load(args):
 
     if (args.labels is None) != (args.database_labels is None):
         raise ValueError("--labels: --labels and --database-labels go together")
-    if args.scheduler is not None or args.workers is not None:
-        if not Path(args.database).is_dir():
-            raise ValueError(f"--{'scheduler' if args.scheduler is not None else 'workers'}: needs --database "
-                             "to be a folder of .npy shards")
-        if args.scheduler is not None and args.workers is not None:
-            raise ValueError("--workers: give either --scheduler (a running cluster) or --workers (a local one)")
+    check_cluster_flags(args)
+    if on_cluster(args) and not Path(args.database).is_dir():
+        raise ValueError(f"--{'scheduler' if args.scheduler is not None else 'workers'}: needs --database "
+                         "to be a folder of .npy shards")
     if Path(args.database).is_dir():
-        from minrr.backends.distributed import shard_paths
+        from minrr.io import shard_paths
 
         database = ShardedCodes(shard_paths(args.database, name="--database"))
     else:

@@ -22,6 +22,9 @@ import numpy as np
 __all__ = [
     "load_npy",
     "load_npz",
+    "shard_paths",
+    "rows_shape",
+    "load_rows_file",
     "as_float_array",
     "check_probability",
     "check_positive",
@@ -57,6 +60,43 @@ def load_npy(path, *, name: str, mmap: bool = False) -> np.ndarray:
             raise ValueError(f"{name}: {path} is an .npz archive; expected a single .npy array")
         _check_npy_header(fh, path.stat().st_size, f"{name}: {path}")
     return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+
+
+def shard_paths(folder, *, name: str) -> list[Path]:
+    """The ``.npy`` shards of a folder, in the order of their file names (their rows' order)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{name}: {folder} is not a folder of .npy shards")
+    shards = sorted(p for p in folder.iterdir() if p.suffix == ".npy" and p.is_file())
+    if not shards:
+        raise ValueError(f"{name}: {folder} holds no .npy shard")
+    return shards
+
+
+def _shards(path, name: str) -> list[np.ndarray]:
+    """Memory-mapped parts of ``path``: the file, or a folder's shards (checked to stack along rows)."""
+    if not Path(path).is_dir():
+        return [load_npy(path, name=name, mmap=True)]
+    parts = [load_npy(p, name=f"{name}: shard {p.name}", mmap=True) for p in shard_paths(path, name=name)]
+    first = parts[0]
+    for p, part in zip(shard_paths(path, name=name), parts):
+        if part.ndim == 0 or part.shape[1:] != first.shape[1:] or part.dtype != first.dtype:
+            raise ValueError(f"{name}: shard {p.name} holds {part.dtype} rows of shape {part.shape[1:]}; the first "
+                             f"shard holds {first.dtype} rows of shape {first.shape[1:]}")
+    return parts
+
+
+def rows_shape(path, *, name: str) -> tuple[int, ...]:
+    """Shape of a ``.npy`` file, or of the rows of a folder's ``.npy`` shards stacked (headers only)."""
+    parts = _shards(path, name)
+    return (sum(len(part) for part in parts), *parts[0].shape[1:]) if parts[0].ndim else parts[0].shape
+
+
+def load_rows_file(path, *, name: str) -> np.ndarray:
+    """A ``.npy`` file, or the ``.npy`` shards of a folder stacked along rows in file-name order
+    (``part-00000.npy``, ``part-00001.npy``, ...): every shard of one dtype and row shape."""
+    parts = _shards(path, name)
+    return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
 
 
 def _check_npy_header(fh, size: int, where: str) -> None:

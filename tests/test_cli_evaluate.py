@@ -160,11 +160,20 @@ def test_evaluate_a_model_equals_its_embeddings(tmp_path):
     (["--data", "bundled:test"], "--data: given without --model"),
     (["--json", "e.npy"], "--json: .*e.npy is the input file of --embeddings"),
     (["--seed", "-1"], "--seed: expected a whole number >= 0"),
+    (["--gallery", "empty", "--gallery-labels", "gy.npy"], "--gallery: .*empty holds no .npy shard"),
+    (["--gallery", "pickled", "--gallery-labels", "gy.npy"],
+     "--gallery: shard a.npy: .*a.npy is a pickled Python object"),
+    (["--workers", "0"], "--workers: expected a whole number >= 1, got 0"),
+    (["--chunk-size", "0"], "--chunk-size: expected a whole number >= 1, got 0"),
 ])
 def test_bad_input_one_line_exit_1_no_output(files, capsys, extra, message):
+    (files / "empty").mkdir()
+    (files / "pickled").mkdir()
+    (files / "pickled" / "a.npy").write_bytes(b"\x80\x04K\x01.")
     before = sorted(p.name for p in files.iterdir())
     argv = ["evaluate", "--embeddings", str(files / "e.npy"), "--labels", str(files / "y.npy"), "--json",
-            str(files / "out.json")] + [str(files / v) if v.endswith(".npy") else v for v in extra]
+            str(files / "out.json")] + [str(files / v) if v.endswith(".npy") or v in ("empty", "pickled") else v
+                                        for v in extra]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert re.match(f"minrr evaluate: error: {message}", err) and err.count("\n") == 1

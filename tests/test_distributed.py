@@ -7,6 +7,7 @@ pytest.importorskip("dask.distributed")
 
 from minrr import hamming  # noqa: E402
 from minrr.backends import distributed  # noqa: E402
+from minrr.io import shard_paths  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_search_over_shards_equals_one_machine(client, tmp_path):
     folder.mkdir()
     for s, (a, b) in enumerate([(0, 120), (120, 121), (121, 400), (400, 500)]):
         np.save(folder / f"shard-{s:05d}.npy", database[a:b])
-    shards = distributed.shard_paths(folder)
+    shards = shard_paths(folder, name="database")
     got = distributed.search_shards(client, shards, queries, 40)
     for g, w in zip(got, hamming.search(queries=queries, database=database, k=40)):
         np.testing.assert_array_equal(g, w)
@@ -114,3 +115,83 @@ def test_merge_top_k_orders_by_distance_then_index_even_without_a_packed_key():
         got_d, got_i = hamming.merge_top_k(d, i, 3)
         np.testing.assert_array_equal(got_d, [[3, 3, 4]])
         np.testing.assert_array_equal(got_i - offset, [[1, 7, 9]])
+
+
+def _save_shards(folder, array, cuts):
+    folder.mkdir()
+    for s, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        np.save(folder / f"part-{s:05d}.npy", array[a:b])
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_query_statistics_in_chunks_equal_one_machine(client, tmp_path, multi):
+    from minrr.metrics.retrieval import query_statistics
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, size=(400, 6)).astype(np.float32)  # a coarse grid: many exact ties
+    y = rng.integers(0, 5, 400) if not multi else (rng.random((400, 7)) < 0.2).astype(np.int64)
+    g, gy = x[:150] + 0.5, y[:150]
+    _save_shards(tmp_path / "x", x, [0, 1, 170, 400])
+    for ranking in ({"exclude": "index"}, {"exclude": "nearest"}, {"gallery": g, "gallery_labels": gy}):
+        want = query_statistics(x, y, **ranking)
+        for c, inputs, chunk in ((client, (x, y), 37), (client, (tmp_path / "x", y), 400), (None, (x, y), 101)):
+            got = distributed.query_statistics_chunks(c, *inputs, chunk_size=chunk, **ranking)
+            for column, expected in zip(got, want):
+                np.testing.assert_array_equal(column, expected)
+
+
+def test_query_statistics_lose_no_chunk_to_a_killed_worker(client, tmp_path):
+    import os
+    import signal
+
+    from minrr.metrics.retrieval import BLOCK_BYTES, query_statistics
+
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((2000, 16)), rng.integers(0, 10, 2000)
+    _save_shards(tmp_path / "x", x, [0, 700, 2000])
+    np.save(tmp_path / "y.npy", y)
+    inputs = {"embeddings": str(tmp_path / "x"), "labels": str(tmp_path / "y.npy")}
+    chunks = [(a, a + 100) for a in range(0, 2000, 100)]
+    pids = client.run(os.getpid)
+    parts = []
+    for part in distributed.in_order(client, distributed._statistics_chunk, chunks, inputs, None, BLOCK_BYTES,
+                                     window=4):
+        if not parts:  # chunks are in flight on both workers: kill one of them
+            os.kill(next(iter(pids.values())), signal.SIGKILL)
+        parts.append(part)
+    for column, expected in zip(zip(*parts), query_statistics(x, y)):
+        np.testing.assert_array_equal(np.concatenate(column), expected)
+    client.wait_for_workers(2, timeout=30)
+    assert set(client.run(os.getpid).values()) != set(pids.values())
+
+
+def test_minrr_evaluate_over_shards_on_a_cluster_writes_the_one_machine_metrics(tmp_path, capsys):
+    import json
+
+    from minrr.cli.main import main
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    y = rng.integers(0, 6, 300)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    _save_shards(tmp_path / "xs", x, [0, 120, 121, 300])
+    _save_shards(tmp_path / "ys", y, [0, 50, 300])
+    assert main(["evaluate", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--json", str(tmp_path / "one.json")]) == 0
+    want = json.loads((tmp_path / "one.json").read_text())
+    for extra, out in (([], "local.json"), (["--workers", "2", "--chunk-size", "64"], "dask.json")):
+        assert main(["evaluate", "--embeddings", str(tmp_path / "xs"), "--labels", str(tmp_path / "ys"),
+                     "--json", str(tmp_path / out), *extra]) == 0
+        got = json.loads((tmp_path / out).read_text())
+        assert got["metrics"] == want["metrics"] and got["queries"] == 300 and got["protocol"] == want["protocol"]
+    capsys.readouterr()
+    np.save(tmp_path / "xs" / "part-00003.npy", np.zeros((4, 9), np.float32))
+    assert main(["evaluate", "--embeddings", str(tmp_path / "xs"), "--labels", str(tmp_path / "ys"),
+                 "--workers", "2", "--json", str(tmp_path / "bad.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("minrr evaluate: error: --embeddings: shard part-00003.npy holds float32 rows of shape (9,); "
+                   "the first shard holds float32 rows of shape (8,)") and not (tmp_path / "bad.json").exists()
+    assert main(["evaluate", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--workers", "2", "--scheduler", "tcp://127.0.0.1:9"]) == 1
+    assert "--workers: give either --scheduler" in capsys.readouterr().err

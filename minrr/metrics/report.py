@@ -59,7 +59,7 @@ def summarise(statistics: QueryStatistics, ks: int | Sequence[int] = (1, 2, 4, 8
 
 
 def retrieval_metrics(embeddings, labels, *, ks: int | Sequence[int] = (1, 2, 4, 8), gallery=None,
-                      gallery_labels=None, exclude=None, seed: int = 0) -> dict[str, float]:
+                      gallery_labels=None, exclude=None, seed: int = 0, nmi: bool = True) -> dict[str, float]:
     """Recall@k, mAP, mAP@R, R-precision and NMI, keyed as pytorch-metric-learning keys them.
 
     One pass over the gallery gives every retrieval metric
@@ -72,16 +72,17 @@ def retrieval_metrics(embeddings, labels, *, ks: int | Sequence[int] = (1, 2, 4,
     ks : the k of Recall@k; 1 is always reported (``precision_at_1``).
     gallery, gallery_labels, exclude : as for :func:`minrr.metrics.retrieval.recall_at_k`.
     seed : seed of the k-means behind NMI.
+    nmi : False leaves NMI out (its k-means dominates the cost with thousands of classes).
 
     Returns
     -------
     dict of floats: ``precision_at_1``, ``recall_at_<k>`` for each k > 1 in increasing
     order, ``mean_average_precision``, ``mean_average_precision_at_r``, ``r_precision``,
-    and ``NMI`` when the labels are single labels (NMI of the queries' clusters).
+    and ``NMI`` when ``nmi`` and the labels are single labels (NMI of the queries' clusters).
     """
     recall_ks(ks)  # checked before the work
     metrics = summarise(query_statistics(embeddings, labels, gallery=gallery, gallery_labels=gallery_labels,
                                          exclude=exclude), ks)
-    if np.asarray(labels).ndim == 1:
+    if nmi and np.asarray(labels).ndim == 1:
         metrics["NMI"] = kmeans_nmi(embeddings, labels, seed=seed)
     return metrics
