@@ -29,6 +29,7 @@ __all__ = ["pack", "unpack", "from_packbits", "to_packbits", "hamming_distances"
 
 _CHUNK = 512  # database codes per distance buffer (2 KiB of int32, stays in L1)
 _GROUP = 8  # queries that scan each chunk in turn while it is in L1
+_RUN = 64  # codes of a chunk that the top-k admission skips at once when none is under the bound
 _BLOCK_BYTES = 1 << 20  # database words converted and scanned per kernel call
 _STATE_BYTES = 1 << 28  # bound on the top-k candidate buffers of one query batch
 
@@ -318,28 +319,38 @@ def _keep_best(dist, index, n, k, counts):
 
 
 @numba.njit(cache=True)
-def _admit(part, first, k, dist, index, counts, c, b, below, sort_counts):
+def _admit(part, first, k, dist, index, counts, c, b, below, sort_counts, hits):
     """Append the codes of ``part`` (distances of codes ``first, first + 1, ...``) whose
     distance is below the bound ``b``, keeping ``b`` the k-th smallest candidate distance.
 
     ``counts`` is the histogram of the candidates' distances and ``below`` the number of
-    candidates under ``b`` (fewer than k). Returns the new ``(c, b, below)``.
+    candidates under ``b`` (fewer than k). ``hits`` is scratch space, as long as ``part``.
+    Returns the new ``(c, b, below)``.
     """
     cap = dist.shape[0]
-    for j in range(len(part)):
-        d = part[j]
-        if d >= b:
+    for lo in range(0, len(part), _RUN):
+        run = part[lo:lo + _RUN]
+        if _min(run) >= b:  # once the bound is low, most runs hold no candidate
             continue
-        if c == cap:  # full: keep the best k, which are all the live candidates
-            c = _keep_best(dist, index, c, k, sort_counts)
-        dist[c] = d
-        index[c] = first + j
-        c += 1
-        counts[d] += 1
-        below += 1
-        while below >= k:  # the k-th smallest distance moved down
-            b -= 1
-            below -= counts[b]
+        n_hits = 0
+        for j in range(len(run)):  # without branches: the codes under the bound on entry, a superset
+            hits[n_hits] = lo + j
+            n_hits += run[j] < b
+        for h in range(n_hits):
+            j = hits[h]
+            d = part[j]
+            if d >= b:
+                continue
+            if c == cap:  # full: keep the best k, which are all the live candidates
+                c = _keep_best(dist, index, c, k, sort_counts)
+            dist[c] = d
+            index[c] = first + j
+            c += 1
+            counts[d] += 1
+            below += 1
+            while below >= k:  # the k-th smallest distance moved down
+                b -= 1
+                below -= counts[b]
     return c, b, below
 
 
@@ -368,6 +379,7 @@ def _scan_block(block, transposed, offset, queries, n_shards, k, cand_dist, cand
         stop = (shard + 1) * n // n_shards
         buf = np.empty(_CHUNK, np.int32)
         sort_counts = np.empty(hist.shape[1] + 1, np.int64)
+        hits = np.empty(_CHUNK, np.int64)
         for lo in range(start, stop, _CHUNK):
             part = buf[:min(lo + _CHUNK, stop) - lo]
             for q in range(group * _GROUP, min((group + 1) * _GROUP, queries.shape[0])):
@@ -377,7 +389,7 @@ def _scan_block(block, transposed, offset, queries, n_shards, k, cand_dist, cand
                     continue
                 n_cand[t], bound[t], below[t] = _admit(
                     part, offset + lo, k, cand_dist[t], cand_index[t], hist[t],
-                    n_cand[t], bound[t], below[t], sort_counts)
+                    n_cand[t], bound[t], below[t], sort_counts, hits)
 
 
 @numba.njit(parallel=True, cache=True)
