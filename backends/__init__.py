@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import sys
 
-__all__ = ["BACKENDS", "get_backend", "available_backends", "backend_for", "is_torch_tensor",
+__all__ = ["BACKENDS", "get_backend", "available_backends", "backend_for", "model_device", "is_torch_tensor",
            "is_torch_module"]
 
 BACKENDS = {"numpy": ("minrr.backends.numpy_backend", "numpy"), "torch": ("minrr.backends.torch_backend", "torch")}
@@ -62,10 +62,23 @@ def is_torch_module(x) -> bool:
     return torch is not None and isinstance(x, torch.nn.Module)
 
 
+def model_device(model):
+    """The device of a torch module's first parameter or buffer; None (the default) otherwise."""
+    if not is_torch_module(model):
+        return None
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None
+
+
 def backend_for(model, *, device=None):
-    """The backend that runs ``model``: torch (on ``device``) for an ``nn.Module``, numpy for any other callable."""
+    """The backend that runs ``model``: torch for an ``nn.Module``, numpy for any other callable.
+
+    The torch backend runs on ``device``; None: the device the model's weights are on (so a
+    library call never moves a caller's model), or the default device for a module without any.
+    """
     if is_torch_module(model):
-        return get_backend("torch", device=device)
+        return get_backend("torch", device=model_device(model) if device is None else device)
     if not callable(model):
         raise TypeError(f"model: expected a torch nn.Module or a NumPy callable, got {type(model).__name__}")
     return get_backend("numpy")

@@ -20,19 +20,10 @@ from minrr.detection_baselines import squeeze, transformed_outputs
 
 from minrr.progress import progress_bar
 
-from . import backend_for, is_torch_module
+from . import backend_for
 from .base import check_whole
 
 __all__ = ["detector_outputs", "database_codes"]
-
-
-def _model_device(model):
-    """The device of a torch module's first parameter or buffer; None (the default) otherwise."""
-    if not is_torch_module(model):
-        return None
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return None
 
 
 def detector_outputs(model, images, detector: str = "umcd", *, batch_size: int = 256,
@@ -60,7 +51,7 @@ def detector_outputs(model, images, detector: str = "umcd", *, batch_size: int =
     if images.ndim != 4:
         raise ValueError(f"images: expected (N, C, H, W) images, got shape {images.shape}")
     batch_size = check_whole(batch_size, "batch_size", 1)
-    backend = backend_for(model, device=_model_device(model))
+    backend = backend_for(model)
     parts = {key: [] for key in ("f", *keys)}
     with progress_bar(len(images), progress, "img") as bar:
         for start in range(0, len(images), batch_size):
@@ -86,6 +77,6 @@ def database_codes(model, images, *, batch_size: int = 256, progress: bool = Fal
     """
     images = check_images(images, name="images")
     batch_size = check_whole(batch_size, "batch_size", 1)
-    backend = backend_for(model, device=_model_device(model))
+    backend = backend_for(model)
     return binarize(check_outputs(backend.embed(model, images, batch_size=batch_size, progress=progress),
                                   name="model"))

@@ -285,7 +285,8 @@ def certify_model(model, images, labels, *, sigma: float, n_samples: int, galler
 
     Each query's ``n_samples`` noisy copies go through the model on its backend
     (:meth:`~minrr.backends.base.Backend.sample_noisy`: a torch ``nn.Module`` on ``device``,
-    any other callable through NumPy), then :func:`certify` takes over.
+    by default the device its weights are on; any other callable through NumPy), then
+    :func:`certify` takes over.
 
     Parameters
     ----------

@@ -97,6 +97,10 @@ def test_torch_objects_are_recognised():
     _require_torch()
     assert is_torch_tensor(torch.zeros(2)) and is_torch_module(torch.nn.Flatten())
     assert backend_for(torch.nn.Flatten(), device="cpu").name == "torch"
+    # device None: where the model's weights are (here "meta", never the default device), not moved
+    on_meta = torch.nn.Linear(2, 2, device="meta")
+    assert backend_for(on_meta).device.type == "meta" and on_meta.weight.device.type == "meta"
+    assert backend_for(on_meta, device="cpu").device.type == "cpu"
     with pytest.raises(ValueError, match="device: 'nonsense' is not usable"):
         get_backend("torch", device="nonsense")
     if not torch.cuda.is_available():
