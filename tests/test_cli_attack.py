@@ -106,6 +106,10 @@ def test_each_attack_writes_an_archive(trained, tmp_path, attack):
     assert "anchors" not in adv.files  # untargeted
     assert json.loads(str(adv["settings"]))["attack"] == attack
     assert not (tmp_path / "adv.npz.partial").exists()
+    if attack == "hamming":  # the archive is a data source of every command: its x_adv and labels
+        data = load_dataset(tmp_path / "adv.npz")
+        np.testing.assert_array_equal(data.images, adv["x_adv"])
+        np.testing.assert_array_equal(data.labels, adv["labels"])
 
 
 def test_an_interrupted_run_resumes_to_the_same_file(trained, tmp_path, monkeypatch, capsys):

@@ -16,7 +16,9 @@ source                              what is read
                                      ``dataset-fashion-mnist``
 a folder                             one sub-folder of images per class (sorted names give the
                                      labels 0, 1, ...), read with Pillow
-``images.npz``                       arrays ``images`` and ``labels``
+``images.npz``                       arrays ``images`` and ``labels``; or the ``adv.npz`` of
+                                     ``minrr attack``: its adversarial images ``x_adv`` and the
+                                     labels of their originals
 ``images.npy`` + labels              an image array; labels from a ``.npy`` or IDX file
 an IDX file (``.gz`` or not)         images; labels default to the file named like it with
                                      ``labels-idx1`` in place of ``images-idx3``
@@ -233,11 +235,12 @@ def load_dataset(source, labels=None, *, size=None, name: str = "data", labels_n
                          "bundled:test, fashion-mnist:train, fashion-mnist:test")
     if path.suffix == ".npz":
         arrays = load_npz(path, name=name)
-        missing = {"images", "labels"} - set(arrays)
+        images = "x_adv" if "images" not in arrays and "x_adv" in arrays else "images"  # minrr attack's adv.npz
+        missing = {images, "labels"} - set(arrays)
         if missing:
             raise ValueError(f"{name}: {path} lacks the array(s) {', '.join(sorted(missing))}; "
-                             "expected 'images' and 'labels'")
-        return dataset_from_arrays(arrays["images"], arrays["labels"], source=source, name=name,
+                             "expected 'images' and 'labels' (or the 'x_adv' and 'labels' of minrr attack)")
+        return dataset_from_arrays(arrays[images], arrays["labels"], source=source, name=name,
                                    labels_name=name)
     if path.suffix == ".npy":
         if labels is None:
