@@ -13,8 +13,9 @@ COLO-TRIDE's CAP stops early once a batch collapses, so its ratio can fall below
 Model: the small CNN that ``minrr train`` builds by default (width 32, 128-d embedding or
 64-bit hash, 28 x 28 inputs), batch 128, on the bundled Fashion-MNIST subset.
 
-Run: python bench/bench_defences.py [--quick] [--images N] [--device cpu|cuda] [--out bench/results/defences.md]
-(--quick: 256 images, width 8, one repeat, results printed only unless --out is given.)
+Run: python bench/bench_defences.py [--quick] [--images N] [--device cpu|cuda] [--defences freeat ...]
+[--out bench/results/defences.md] (--quick: 256 images, width 8, one repeat, results printed only unless
+--out is given; --defences: only these rows, results printed only unless --out is given.)
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each epoch; the best counts (default: 3)")
     parser.add_argument("--images", type=int, help="training images (default: all 5,000; --quick: 256)")
-    parser.add_argument("--out", help="results table (default: bench/results/defences.md, none with --quick)")
+    parser.add_argument("--defences", nargs="+", choices=[d for _, d in CASES], metavar="DEFENCE",
+                        help=f"only these rows ({', '.join(d for _, d in CASES)}; default: all)")
+    parser.add_argument("--out", help="results table (default: bench/results/defences.md, none with --quick "
+                                      "or --defences)")
     args = parser.parse_args(argv)
     data = fashion_mnist_subset()
     n, width, repeats = (256, 8, 1) if args.quick else (len(data["train_labels"]), 32, args.repeats)
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
     _epoch_seconds("dml", "none", images[:64], labels[:64], backend, width, 32)  # warm-up
     rows = []
     for task, defense in CASES:
+        if args.defences and defense not in args.defences:
+            continue
         settings = defence_settings(task, defense)
         passes = settings["replays"] if defense == "freeat" else settings["attack_steps"] + 1
         plain = [_epoch_seconds(task, "none", images, labels, backend, width, batch_size) for _ in range(repeats)]
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
              "(FreeAT: replays); target <= 1.1.", "",
              "| task | defence | passes | plain epoch (s) | defended epoch (s) | ratio |", "|---|---|---|---|---|---|"]
     lines += [f"| {t} | {d} | {p} | {a:.2f} | {b:.2f} | {r:.3f} |" for t, d, p, a, b, r in rows]
-    out = args.out or (None if args.quick else str(Path(__file__).parent / "results" / "defences.md"))
+    out = args.out or (None if args.quick or args.defences else str(Path(__file__).parent / "results" / "defences.md"))
     if out:
         Path(out).write_text("\n".join(lines) + "\n")
         print(f"wrote {out}")

@@ -235,10 +235,37 @@ def test_naive_at_collapses_and_colo_tride_does_not(fashion):
     assert rows["colo-tride"][-1]["mean_pairwise_distance"] > 1.5 * rows["naive"][-1]["mean_pairwise_distance"]
 
 
-def test_freeat_replays_each_batch_and_keeps_the_perturbation(fashion):
+@pytest.mark.parametrize("spec", [ModelSpec("small-cnn", 1, "hash", 8, width=16),
+                                  ModelSpec("small-cnn", 3, "hash", 8, width=32),
+                                  ModelSpec("resnet18", 1, "hash", 8, width=64, stem="imagenet"),
+                                  ModelSpec("small-cnn", 1, "hash", 8, width=4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_freeat_input_gradient_is_autograds(spec, dtype):
+    """FreeAT's first-convolution input gradient (matmul and col2im) against autograd's, and every weight
+    gradient unchanged; the 7 x 7 / 2 stem on an odd size leaves input pixels that no window covers."""
+    model = build_model(spec, seed=0).to(dtype).train()
+    x = torch.rand(5, spec.in_channels, 33, 33, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for cheap in (False, True):
+        hooks = dfn._cheap_input_gradient(model, x) if cheap else []
+        assert bool(hooks) == (cheap and spec.width != 4)  # width 4: 9 > 4 filters, autograd's own
+        image = x.clone().requires_grad_(True)
+        model(image).pow(2).sum().backward()
+        grads.append([image.grad] + [p.grad for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+        for hook in hooks:
+            hook.remove()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for ours, theirs in zip(grads[1], grads[0]):
+        assert torch.allclose(ours, theirs, rtol=0, atol=tol * float(theirs.abs().max()))
+    assert float(grads[1][0].abs().max()) > 0
+
+
+@pytest.mark.parametrize("width", [4, 16])  # 16: the first convolution's input gradient by matmul and col2im
+def test_freeat_replays_each_batch_and_keeps_the_perturbation(fashion, width):
     images, labels = fashion[0][:40], fashion[1][:40]
     eps, replays = 8 / 255, 3
-    model = tiny("hash", 16)
+    model = tiny("hash", 16, width=width)
     seen = []
 
     def record(module, inputs):
@@ -268,6 +295,23 @@ def test_freeat_replays_each_batch_and_keeps_the_perturbation(fashion):
     # the perturbation carried into each new batch is not zero: it was kept, not reset
     for k in (replays, 2 * replays):
         assert (seen[k]["x"] - clean[k // replays]).abs().max() > 0
+
+
+def test_a_saved_state_is_a_copy_that_later_epochs_leave_alone(fashion):
+    images, labels = fashion[0][:64], fashion[1][:64]
+    model = tiny(head="hash", dim=16)
+    snapshots = []
+
+    def save(state, optimizer):
+        snapshots.append((state.state_dict(model, optimizer),
+                          {k: v.clone() for k, v in model.state_dict().items()}, state.memory["delta"].clone()))
+
+    dfn.fit(model, images, labels, task="hash", defense="freeat", epochs=2, batch_size=16, seed=0, backend=CPU,
+            on_epoch=save)
+    (first, weights, delta), _ = snapshots
+    assert all(torch.equal(first["model"][k], weights[k]) for k in weights)
+    assert torch.equal(first["memory"]["delta"], delta) and not torch.equal(delta, snapshots[1][2])
+    assert not all(torch.equal(first["model"][k], v) for k, v in model.state_dict().items())
 
 
 def test_defence_settings_are_checked():
