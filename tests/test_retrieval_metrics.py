@@ -377,11 +377,11 @@ def test_distances_that_differ_only_by_summation_order(monkeypatch, buckets_abov
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.floats(-8.0, 8.0), st.integers(1, 3), st.integers(1, 40), st.booleans())
 def test_bucket_tables_classify_every_score_like_the_thresholds(seed, spread, repeat, n_kept, wide):
-    """For any score, a bucket without uncertain kept items gives exactly the kept items the score is
-    before (upper threshold below it) and after (lower threshold above it); a bucket with some starts
-    its uncertain range after kept items that are certainly after. Thresholds with duplicates, equal
-    bounds, wide or narrow near-tie windows and any range; with narrow windows, most scores are in
-    buckets without one."""
+    """For any score, the kept items before its bucket's uncertain range [lo, hi) rank before it (lower
+    threshold above the score) and those from hi on after it (upper threshold below the score); lo == hi
+    (no uncertain item) in bucket 0, and the counters of the buckets with uncertain items start negative.
+    Thresholds with duplicates, equal bounds, wide or narrow near-tie windows and any range; with narrow
+    windows, most scores are in buckets without one."""
     rng = np.random.default_rng(seed)
     centre = np.sort(np.repeat(rng.normal(size=n_kept) * 10.0 ** spread, repeat))[::-1].astype(np.float32)
     width = rng.choice([0.0, 1e-6, 1e-3] if wide else [0.0, 1e-7], size=len(centre)) * (1.0 + abs(centre))
@@ -390,23 +390,60 @@ def test_bucket_tables_classify_every_score_like_the_thresholds(seed, spread, re
     offsets, n_buckets = np.array([0, len(above)]), retrieval._BUCKETS_PER_ITEM * len(above) + 2
     bucket_offsets = np.array([0, n_buckets])
     low, scale = np.empty(1, np.float32), np.empty(1, np.float32)
-    table = np.empty(n_buckets, np.int32)
-    retrieval._bucket_tables(offsets, above, below, bucket_offsets, low, scale, table)
+    lo, hi = np.empty(n_buckets, np.int32), np.empty(n_buckets, np.int32)
+    tally = np.empty(n_buckets + retrieval._SPILL, np.int32)
+    retrieval._bucket_tables(offsets, above, below, bucket_offsets, low, scale, lo, hi, tally)
+    np.testing.assert_array_equal(tally < 0, np.concatenate([lo < hi, np.zeros(retrieval._SPILL, bool)]))
     uniform = rng.uniform(below.min() - 1, above.max() + 1, 200).astype(np.float32)
     values = np.concatenate([above, below, uniform])
     scores = np.concatenate([values, np.nextafter(values, np.float32(np.inf)),
                              np.nextafter(values, np.float32(-np.inf))]).astype(np.float32)
     flagged = []
     for x in scores:
-        t = table[retrieval._bucket(x, low[0], scale[0], np.float32(n_buckets - 2))]
+        b = retrieval._bucket(x, low[0], scale[0], np.float32(n_buckets - 2))
         after, before = below > x, above < x
-        if t >= 0:
-            assert after[:t].all() and before[t:].all()
-        else:
-            assert after[:-1 - t].all() and -1 - t <= len(above)
-        flagged.append(t < 0)
+        assert 0 <= lo[b] <= hi[b] <= len(above) and after[:lo[b]].all() and before[hi[b]:].all()
+        assert b > 0 or lo[b] == hi[b] == len(above)
+        flagged.append(lo[b] < hi[b])
     if not wide and n_kept >= 4:
         assert np.mean(flagged[2 * len(above):len(values)]) < 0.25
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 300), st.sampled_from(["spread", "ties", "crowd"]))
+def test_distance_order_is_the_stable_sort(seed, n, kind):
+    """The counting sort (and its merge-sort fallback for crowded buckets) orders any distances like a
+    stable sort: spread values, many exact ties, and a crowd of near-equal values beside a far one."""
+    rng = np.random.default_rng(seed)
+    if kind == "spread":
+        dist = rng.random(n) * 10.0 ** rng.uniform(-5, 5)
+    elif kind == "ties":
+        dist = rng.integers(0, 4, n) * 0.25
+    else:
+        dist = 1.0 + rng.integers(0, 3, n) * 1e-12
+        dist[:min(n, 1)] = 1e6
+    order = np.empty(n, np.int64)
+    retrieval._distance_order(dist, order, np.empty(n + 1, np.int64), np.empty(n, np.int64))
+    np.testing.assert_array_equal(order, np.argsort(dist, kind="stable"))
+
+
+def test_thresholds_round_outwards_to_float32():
+    """``above`` is the largest float32 at or below (centre + allowance) / 2 and ``below`` the smallest at or
+    above (centre - allowance) / 2, at every magnitude, for zero and for subnormals."""
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(size=20_000) * 10.0 ** rng.uniform(-48, 38, 20_000),
+                             [0.0, 2.0 ** -149, -(2.0 ** -149), 2.0 ** -150, -(2.0 ** -150), 1.0, -1.0, 3e38]])
+    for allowance in (0.0, 1e-3):
+        above, below = np.empty(len(values), np.float32), np.empty(len(values), np.float32)
+        # q_sq = 0 and rel_d = -2 values: centre = 2 values.
+        retrieval._thresholds(np.array([0, len(values)]), np.zeros(1), np.full(1, 2 * allowance), -2.0 * values, 1.0,
+                              above, below)
+        high, low = values + allowance, values - allowance
+        nearest_high, nearest_low = high.astype(np.float32), low.astype(np.float32)
+        np.testing.assert_array_equal(above, np.where(nearest_high > high, np.nextafter(nearest_high, -np.inf),
+                                                      nearest_high))
+        np.testing.assert_array_equal(below, np.where(nearest_low < low, np.nextafter(nearest_low, np.inf),
+                                                      nearest_low))
 
 
 def many_relevant_problem(rng, n, dim, n_classes, multi, dtype):

@@ -48,21 +48,24 @@ before or after m; only an item within E of ``d_m`` (a near-tie) has its
 distance compared, vectorised, then exactly (with the index) when even that
 cannot tell. Queries with few relevant items count each one's items by a
 vector pass over the row. The others split the range of their thresholds
-into equal score buckets (about 8 per relevant item): a lookup table gives,
-for an item's bucket, the relevant items it is certainly before, counted as
-a difference, so each item costs O(1); only the few items in buckets that
-hold a threshold are placed one by one.
+into equal score buckets (about 4 per relevant item) and count each item in
+its bucket's counter, O(1) per item; at the end, two tables per bucket give
+the relevant items its items are certainly before and after, which turns
+the counts into ranks. Only the few items in buckets that hold a threshold
+are placed one by one.
 Embeddings are divided by a power of two first (exact) when their norms
 would under- or overflow float32.
 
 The work is split into query blocks, each run on one thread with
-single-threaded BLAS, so only one thread pool is ever busy. Memory is
-bounded whatever the gallery size: per worker, at most ``block_bytes`` of
-scores (1024 x 1024 float32 by default; 256 x 4096 for AP when most queries
-have more than 10 relevant items) and as many bytes
-again of kept relevant items (at most ``_STATE_BYTES`` each, with their
-buckets: one or two per query for Recall@k, all R for AP; at least one
-query's), plus O(1) numbers per gallery item (norms, label groups).
+single-threaded BLAS, so only one thread pool is ever busy; a block takes
+the queries by label, so that the relevant items it reads stay in cache.
+Memory is bounded whatever the gallery size: per worker, at most
+``block_bytes`` of scores (1024 x 1024 float32 by default; 1024 x 512 for AP
+when most queries have more than 10 relevant items) and the bytes of a
+default score block of kept relevant items (at most ``_STATE_BYTES`` each,
+with their buckets: one or two per query for Recall@k, all R for AP; at
+least one query's), plus O(1) numbers per gallery item (norms, label
+groups).
 """
 
 from __future__ import annotations
@@ -96,12 +99,13 @@ BLOCK_BYTES = 64 * 2**20
 _GEMM_DTYPE = np.float32
 _QUERY_BLOCK = 1024  # queries per GEMM block
 _GALLERY_CHUNK = 1024  # gallery items per GEMM block
-_WIDE_CHUNK = 4096  # gallery items per GEMM block when most queries have score buckets: fewer queries, so
-# that a row's bucket tables, read once per block, serve more items
+_BUCKET_CHUNK = 512  # gallery items per GEMM block when most queries have score buckets (whose counters last
+# across chunks): a narrower block of scores, which stays in cache for the GEMM and the counting
 _BUCKETS_ABOVE = 10  # relevant items of a query beyond which gallery items are counted through score buckets
-_BUCKETS_PER_ITEM = 8  # score buckets per kept relevant item of such a query (plus one below and one above all)
-_STATE_BYTES = 64 + 4 * _BUCKETS_PER_ITEM  # bytes held per kept relevant item at the peak: distance, index,
-# counts, thresholds, and the bucket tables
+_BUCKETS_PER_ITEM = 4  # score buckets per kept relevant item of such a query (plus one below and one above all)
+_SPILL = 16  # counters that such a query's bucket 0 (most items, never read) uses in turn: none is a queue
+_STATE_BYTES = 64 + 12 * _BUCKETS_PER_ITEM  # bytes held per kept relevant item at the peak: distance, index,
+# counts, thresholds, and per bucket two int32 tables and an int32 counter (int64 from 2^31 gallery items)
 _EXCLUDE_NONE, _EXCLUDE_INDEX, _EXCLUDE_NEAREST = 0, 1, 2
 _EXCLUDE_MODES = {"none": _EXCLUDE_NONE, "index": _EXCLUDE_INDEX, "nearest": _EXCLUDE_NEAREST}
 
@@ -177,13 +181,11 @@ def _relevant_counts(q_ids, q_keys, g_keys, multi, members, lo, hi, skip_self, n
         n_relevant[a] = count
 
 
-@numba.njit(nogil=True, cache=True)
-def _exact_distances(query, gallery, items, out):
-    """``out[t]``: exact squared distance from ``query`` to ``gallery[items[t]]``.
+def _distances(query, gallery, items, out):
+    """``out[t]``: squared distance from ``query`` to ``gallery[items[t]]``, in float64.
 
     Four items at a time, in four independent chains (instruction-level
-    parallelism); each distance still sums over k in order, as
-    :func:`_exact_squared_distance` does.
+    parallelism), each summed over k in order unless compiled with fastmath.
     """
     n_dim, n = gallery.shape[1], items.shape[0]
     start = 0
@@ -205,39 +207,89 @@ def _exact_distances(query, gallery, items, out):
         out[t] = _exact_squared_distance(query, gallery[items[t]])
 
 
+_exact_distances = numba.njit(inline="always", cache=True)(_distances)
+"""Each summed over k in order, as :func:`_exact_squared_distance` does. Inlined: a cached copy would share
+its cache entry with the fastmath one."""
+_approximate_distances = numba.njit(nogil=True, fastmath=True, cache=True)(_distances)
+"""Summed in any order (vectorised over k): each within ``tolerance / 2`` of the exact one."""
+
+_CROWDED = 32  # items of one counting-sort bucket beyond which _distance_order falls back to merge sort
+
+
+@numba.njit(nogil=True, cache=True)
+def _distance_order(dist, order, count, key):
+    """``order[:n]``: the indices of the n values ``dist`` in increasing order, equal values in index order.
+
+    A stable counting sort into n equal-width buckets over [min, max], then an
+    insertion sort, which only moves a value past larger ones of its own
+    bucket: O(n) for spread values. When a bucket holds more than
+    ``_CROWDED`` values, a merge sort instead. ``count`` (n + 1,) and ``key``
+    (n,) int64 are scratch.
+    """
+    n = dist.shape[0]
+    smallest, largest = (dist.min(), dist.max()) if n > 0 else (0.0, 0.0)
+    if largest == smallest:
+        order[:n] = np.arange(n)
+        return
+    count[:n + 1] = 0
+    for t in range(n):  # (dist - smallest) / (largest - smallest) is in [0, 1] whatever the rounding
+        key[t] = min(int((dist[t] - smallest) / (largest - smallest) * n), n - 1)
+        count[key[t] + 1] += 1
+    if np.max(count[:n + 1]) > _CROWDED:
+        order[:n] = np.argsort(dist, kind="mergesort")
+        return
+    for b in range(n):
+        count[b + 1] += count[b]
+    for t in range(n):
+        order[count[key[t]]] = t
+        count[key[t]] += 1
+    for i in range(1, n):
+        t, value = order[i], dist[order[i]]
+        j = i - 1
+        while j >= 0 and dist[order[j]] > value:
+            order[j + 1] = order[j]
+            j -= 1
+        order[j + 1] = t
+
+
 @numba.njit(nogil=True, cache=True)
 def _sorted_relevant(queries, gallery, q_ids, q_keys, g_keys, multi, members, lo, hi, skip_self, tolerance,
                      offsets, rel_d, rel_i):
     """The first ``offsets[a + 1] - offsets[a]`` relevant items of each query, by distance, then index.
 
     Candidates ``members[lo[a]:hi[a]]`` come in increasing index order and the
-    sort is stable, so equal distances keep the smaller index first. Every
-    relevant item kept: by the vectorised distances, each within
-    ``tolerance[a] / 2`` of the exact one (``rel_d`` holds them; the order may
-    differ from the exact one within that tolerance). Only the first few
-    kept: the vectorised distances rule out every candidate farther than
-    ``tolerance[a]`` beyond the last kept one, and the rest are ordered by
-    their exact distances (``rel_d``).
+    sort is stable (:func:`_distance_order`), so equal distances keep the
+    smaller index first. Every relevant item kept: by the vectorised
+    distances, each within ``tolerance[a] / 2`` of the exact one (``rel_d``
+    holds them; the order may differ from the exact one within that
+    tolerance). Only the first few kept: the vectorised distances rule out
+    every candidate farther than ``tolerance[a]`` beyond the last kept one,
+    and the rest are ordered by their exact distances (``rel_d``).
     """
+    most = np.max(hi - lo) if q_ids.shape[0] > 0 else 0
+    items, dist = np.empty(most, dtype=np.int64), np.empty(most)
+    order, key = np.empty(most, dtype=np.int64), np.empty(most, dtype=np.int64)
+    count = np.empty(most + 1, dtype=np.int64)
     for a in range(q_ids.shape[0]):
         query = q_ids[a]
         keep = offsets[a + 1] - offsets[a]
-        items = np.empty(hi[a] - lo[a], dtype=np.int64)
-        count = 0
+        n = 0
         for p in range(lo[a], hi[a]):
             j = members[p]
             if not (skip_self and j == query) and same_label(q_keys[query], g_keys[j], multi):
-                items[count] = j
-                count += 1
-        items = items[:count]
-        dist = np.empty(count)
-        for t in range(count):
-            dist[t] = _approximate_squared_distance(queries[query], gallery[items[t]])
-        if keep < count:
-            items = items[dist <= np.sort(dist)[keep - 1] + tolerance[a]]
-            dist = np.empty(len(items))
-            _exact_distances(queries[query], gallery, items, dist)
-        order = np.argsort(dist, kind="mergesort")
+                items[n] = j
+                n += 1
+        _approximate_distances(queries[query], gallery, items[:n], dist[:n])
+        if keep < n:
+            cut = np.sort(dist[:n])[keep - 1] + tolerance[a]
+            close = 0
+            for t in range(n):
+                if dist[t] <= cut:
+                    items[close] = items[t]
+                    close += 1
+            n = close
+            _exact_distances(queries[query], gallery, items[:n], dist[:n])
+        _distance_order(dist[:n], order, count, key)
         for t in range(keep):
             rel_d[offsets[a] + t] = dist[order[t]]
             rel_i[offsets[a] + t] = items[order[t]]
@@ -273,19 +325,22 @@ def _bucket(score, low, scale, top):
 
 
 @numba.njit(nogil=True, cache=True)
-def _bucket_tables(offsets, above, below, bucket_offsets, low, scale, table):
+def _bucket_tables(offsets, above, below, bucket_offsets, low, scale, uncertain_lo, uncertain_hi, tally):
     """Score buckets of the queries that have them (``bucket_offsets[a + 1] > bucket_offsets[a]``).
 
     Query a's scores between its lowest threshold ``below[offsets[a + 1] - 1]``
     and its highest ``above[offsets[a]]`` are split into equal buckets
     (:func:`_bucket`), with one bucket below and one above them all. An item
-    whose score is in bucket b certainly ranks after the kept items m <
-    ``uncertain_from[b]`` (relative to ``offsets[a]``: the lower threshold's
-    bucket is above b) and before those whose upper threshold's bucket is
-    below b; the kept items in between are uncertain. ``table[b]`` is the
-    number of kept items the item is after when none is uncertain, else
-    ``-1 - uncertain_from[b]``.
+    whose score is in bucket b (index ``bucket_offsets[a] + b`` of the tables)
+    certainly ranks after the kept items m < ``uncertain_lo`` (relative to
+    ``offsets[a]``: the lower threshold's bucket is above b) and before the
+    kept items m >= ``uncertain_hi`` (the upper threshold's bucket is below
+    b); the kept items in between are uncertain. A bucket is *certain* when
+    the two are equal, as bucket 0 always is (every threshold is in bucket 1
+    or above). Query a's counters (see :func:`_count_before`) start at 0, but
+    those of uncertain buckets at the most negative value, which tells them apart.
     """
+    uncertain_start = np.iinfo(tally.dtype).min
     most = np.max(bucket_offsets[1:] - bucket_offsets[:-1]) if offsets.shape[0] > 1 else 0
     with_above = np.empty(most + 1, dtype=np.int64)  # kept items by the bucket of their upper threshold
     with_below = np.empty(most + 1, dtype=np.int64)  # and of their lower one
@@ -304,16 +359,19 @@ def _bucket_tables(offsets, above, below, bucket_offsets, low, scale, table):
         for m in range(first, last):
             with_above[_bucket(above[m], low[a], scale[a], top)] += 1
             with_below[_bucket(below[m], low[a], scale[a], top)] += 1
+        row_tally = tally[b_first + _SPILL * a:b_first + _SPILL * (a + 1) + n_buckets]
         at_or_above, strictly_above = 0, 0  # items whose upper threshold's bucket is >= b, lower threshold's > b
         for b in range(n_buckets - 1, -1, -1):
             at_or_above += with_above[b]
             strictly_above += with_below[b + 1]
-            table[b_first + b] = at_or_above if at_or_above == strictly_above else -1 - strictly_above
+            uncertain_lo[b_first + b], uncertain_hi[b_first + b] = strictly_above, at_or_above
+            row_tally[b] = 0 if at_or_above == strictly_above else uncertain_start
+        row_tally[n_buckets:] = 0
 
 
 @numba.njit(nogil=True, cache=True)
 def _count_before(scores, g_start, queries, gallery, q_ids, skip_self, tolerance, offsets, above, below, rel_d,
-                  rel_i, bucket_offsets, low, scale, table, counts, later):
+                  rel_i, bucket_offsets, low, scale, uncertain_lo, uncertain_hi, tally, counts, later):
     """Count, for each kept relevant item m, the items of one gallery chunk ranked before it.
 
     ``scores[a, c] = q.e - |e|^2 / 2`` (GEMM precision) for query ``q_ids[a]``
@@ -324,15 +382,21 @@ def _count_before(scores, g_start, queries, gallery, q_ids, skip_self, tolerance
     between is a near-tie, settled by the distances (:func:`_is_before`,
     ``tolerance[a]``) and the index.
     Rows without score buckets add to ``counts[m]``, one vector pass over the
-    row per kept item. Rows with buckets (:func:`_bucket_tables`) look each
-    item's bucket up: it is before every kept item from some t on, added as a
-    difference ``later[offsets[a] + a + t] += 1`` (slot ``offsets[a + 1] + a``
-    of each row: after all its items, never read); only the items in buckets
-    that hold a threshold are then placed one by one. The query itself is
-    skipped when ``skip_self``.
+    row per kept item. Rows with buckets (:func:`_bucket_tables`) count their
+    items by bucket in ``tally``, over all the chunks: row a's counters start
+    at ``bucket_offsets[a] + _SPILL * a``, counter b for bucket b >= 1, then
+    ``_SPILL`` counters that bucket 0 (the items after every kept one, never
+    read) uses in turn by column, so that its many items do not wait on one
+    counter; :func:`_add_later` turns the counts into ranks. An item whose
+    counter is negative, in a bucket with uncertain kept items, is also
+    listed, then placed one by one: before every kept item from some t on,
+    added as a difference ``later[offsets[a] + a + t] += 1`` (slot
+    ``offsets[a + 1] + a`` of each row: after all its items, never read),
+    then its near-ties settled. The query itself is skipped when
+    ``skip_self``.
     """
     n_cols = scores.shape[1]
-    keys = np.empty(n_cols, dtype=np.int64)
+    slots = np.empty(n_cols, dtype=np.uint64)
     flagged = np.empty(n_cols, dtype=np.int64)
     for a in range(scores.shape[0]):
         first, last = offsets[a], offsets[a + 1]
@@ -361,47 +425,69 @@ def _count_before(scores, g_start, queries, gallery, q_ids, skip_self, tolerance
             continue
         base = first + a  # slot of kept item 0 in ``later``
         low_a, scale_a, top = low[a], scale[a], np.float32(n_buckets - 2)
-        row_table = table[b_first:b_first + n_buckets]
+        row_lo, row_hi = uncertain_lo[b_first:b_first + n_buckets], uncertain_hi[b_first:b_first + n_buckets]
+        row_tally = tally[b_first + _SPILL * a:b_first + _SPILL * (a + 1) + n_buckets]
         for c in range(n_cols):  # vectorised
-            keys[c] = _bucket(row[c], low_a, scale_a, top)
+            b = _bucket(row[c], low_a, scale_a, top)
+            slots[c] = b if b > 0 else n_buckets + c % _SPILL
         n_flagged = 0
-        for c in range(n_cols):  # without branches: items of uncertain buckets go to the unread slot and the list
-            t = row_table[keys[c]]
-            later[base + (t if t >= 0 else last - first)] += 1
+        for c in range(n_cols):  # without branches: items of uncertain buckets (negative counters) also listed
+            s = slots[c]
+            tallied = row_tally[s] + 1
+            row_tally[s] = tallied
             flagged[n_flagged] = c
-            n_flagged += t < 0
-        if self_col >= 0 and row_table[keys[self_col]] >= 0:
-            later[base + row_table[keys[self_col]]] -= 1
+            n_flagged += tallied < 0
+        if self_col >= 0:
+            row_tally[slots[self_col]] -= 1
         for f in range(n_flagged):
             c = flagged[f]
             if c == self_col:
                 continue
-            # Before kept items m .. on by the thresholds (past the bucket's uncertain ones, every upper
-            # threshold is below the score); then the near-ties below m, down to the first whose lower
-            # threshold is above the score, one by one.
-            score, start = row[c], first - 1 - row_table[keys[c]]
-            m = start
-            while m < last and above[m] >= score:
-                m += 1
-            later[base + m - first] += 1
-            m -= 1
-            while m >= start and below[m] <= score:
+            # Kept items from t on have their upper threshold below the score, those before p their lower
+            # one above it (both thresholds are non-increasing in m); those in between are near-ties.
+            score, b = row[c], slots[c]
+            t = p = first + row_lo[b]
+            for m in range(first + row_lo[b], first + row_hi[b]):
+                t += above[m] >= score
+                p += below[m] > score
+            later[base + t - first] += 1
+            for m in range(p, t):
                 if rel_i[m] != g_start + c and _is_before(queries[query], gallery, g_start + c, rel_d[m], rel_i[m],
                                                           tolerance[a]):
                     later[base + m - first] += 1
                     later[base + m - first + 1] -= 1
-                m -= 1
 
 
 @numba.njit(nogil=True, cache=True)
-def _add_later(offsets, bucket_offsets, later, counts):
-    """Add the differences counted in ``later`` (see :func:`_count_before`) to ``counts``."""
+def _add_later(offsets, bucket_offsets, uncertain_lo, tally, later, counts):
+    """Add the items counted in ``tally`` and ``later`` (see :func:`_count_before`) to ``counts``.
+
+    An item of a certain bucket b (non-negative counter) is before the kept
+    items from ``uncertain_lo[b]`` on, which is non-increasing in b: so kept
+    item m is after the items of the certain buckets from the lowest b with
+    ``uncertain_lo[b] <= m`` up, a suffix sum of their counts. Going down the
+    buckets, ``reach[uncertain_lo[b]]`` is left holding that sum for the
+    lowest such b, and its running maximum over m is what each kept item is
+    after; plus the running sum of the differences in ``later``.
+    """
+    most = np.max(offsets[1:] - offsets[:-1]) if offsets.shape[0] > 1 else 0
+    reach = np.empty(most + 1, dtype=np.int64)
     for a in range(offsets.shape[0] - 1):
-        if bucket_offsets[a + 1] > bucket_offsets[a]:
-            running = 0
-            for m in range(offsets[a], offsets[a + 1]):
-                running += later[m + a]
-                counts[m] += running
+        b_first, n_buckets = bucket_offsets[a], bucket_offsets[a + 1] - bucket_offsets[a]
+        if n_buckets == 0:
+            continue
+        first, n_kept = offsets[a], offsets[a + 1] - offsets[a]
+        row_lo, row_tally = uncertain_lo[b_first:b_first + n_buckets], tally[b_first + _SPILL * a:]
+        reach[:n_kept + 1] = 0
+        suffix = 0
+        for b in range(n_buckets - 1, -1, -1):
+            suffix += max(row_tally[b], 0)
+            reach[row_lo[b]] = suffix
+        before, running = 0, 0
+        for m in range(n_kept):
+            before = max(before, reach[m])
+            running += later[first + a + m]
+            counts[first + m] += before + running
 
 
 @numba.njit(nogil=True, cache=True)
@@ -458,11 +544,30 @@ def _rounding_allowance(q_norm: np.ndarray, g_norm_max: float, dim: int, dtype, 
     return (gemm + 2.0 * reach * shift + shift ** 2 + exact) * (1.0 + 1e-6)
 
 
-def _directed(values: np.ndarray, dtype, down: bool) -> np.ndarray:
-    """``values`` in ``dtype``, rounded down (or up), so that comparing a ``dtype`` score against it is exact."""
-    rounded = values.astype(dtype)
-    wrong = rounded > values if down else rounded < values
-    return np.where(wrong, np.nextafter(rounded, -np.inf if down else np.inf), rounded)
+@numba.njit(inline="always", cache=True)
+def _next_float32(value, step):
+    """The float32 ``step`` (1 or -1) places above finite float32 ``value``, +0 and -0 counting as one."""
+    bits = np.int64(value.view(np.int32))
+    place = (bits if bits >= 0 else -(bits & 0x7FFFFFFF)) + step  # the floats in order, as integers
+    return np.int32(place if place >= 0 else -place | -2**31).view(np.float32)  # negative: sign bit, magnitude
+
+
+@numba.njit(nogil=True, cache=True)
+def _thresholds(offsets, q_sq, allowance, rel_d, scale2, above, below):
+    """Float32 score thresholds of the kept relevant items t of each query a (``offsets[a] <= t < offsets[a + 1]``).
+
+    With ``centre = q_sq[a] - rel_d[t] / scale2``, twice the score at the
+    distance ``rel_d[t]``, ``above[t] = (centre + allowance[a]) / 2`` rounded
+    down and ``below[t] = (centre - allowance[a]) / 2`` rounded up, so that
+    comparing a float32 score against them is exact.
+    """
+    for a in range(offsets.shape[0] - 1):
+        for t in range(offsets[a], offsets[a + 1]):  # without branches
+            centre = q_sq[a] - rel_d[t] / scale2
+            high, low = (centre + allowance[a]) / 2.0, (centre - allowance[a]) / 2.0
+            nearest_high, nearest_low = np.float32(high), np.float32(low)
+            above[t] = nearest_high if nearest_high <= high else _next_float32(nearest_high, -1)
+            below[t] = nearest_low if nearest_low >= low else _next_float32(nearest_low, 1)
 
 
 class _Gallery(NamedTuple):
@@ -533,6 +638,7 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool, rows: range | No
                                  block_bytes // (itemsize * chunk)))
 
     chunk, size = block_shape(_GALLERY_CHUNK)
+    state_bytes = size * chunk * itemsize  # kept relevant items per block: the bytes of a default score block
     n_relevant = np.empty(n_queries, dtype=np.int64)
 
     def count_relevant(start, stop):
@@ -544,39 +650,43 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool, rows: range | No
     in_threads(count_relevant, [(s, min(s + size, n_queries)) for s in range(0, n_queries, size)], workers)
     kept = n_relevant if with_ap else np.minimum(n_relevant, 1 + drop_nearest)
     if np.median(kept) > _BUCKETS_ABOVE:
-        chunk, size = block_shape(_WIDE_CHUNK)
+        chunk, size = block_shape(_BUCKET_CHUNK)
+    # Blocks take the queries by label (single-label): those of one label share their candidate relevant items,
+    # which then stay in cache for all of their distances.
+    order = np.arange(n_queries) if problem.multi else \
+        np.argsort(problem.query_keys[first_row:first_row + n_queries, 0], kind="stable")
     ranks = np.empty(n_queries, dtype=np.int64)
     ap, ap_at_r, r_prec = (np.full(n_queries, np.nan) for _ in range(3))
 
     def rank_block(start, stop):
-        q_ids = np.arange(first_row + start, first_row + stop)
-        offsets = np.concatenate([[0], np.cumsum(kept[start:stop])])
+        picked = order[start:stop]
+        q_ids = first_row + picked
+        offsets = np.concatenate([[0], np.cumsum(kept[picked])])
         rel_d, rel_i = np.empty(offsets[-1]), np.empty(offsets[-1], dtype=np.int64)
         lo, hi = _candidates(problem, gallery, q_ids)
-        cast = load_rows(problem.queries, slice(q_ids[0], q_ids[-1] + 1), dtype, scale)
+        cast = load_rows(problem.queries, q_ids, dtype, scale)
         q_sq = squared_norms(cast, dtype, 1.0)
-        q_norm = np.sqrt(squared_norms(problem.queries[q_ids[0]:q_ids[-1] + 1], np.float64, scale))
+        q_norm = np.sqrt(squared_norms(problem.queries[q_ids], np.float64, scale))
         # Two float64 sums of the same dim + 2 rounded terms differ by at most 2 gamma_{dim+2} (|q| + |e|)^2.
         tolerance = (4.0 * gamma(dim + 2, np.float64) * ((q_norm + gallery.norm_max) * scale) ** 2
                      + 4 * dim * 2.0 ** -1074) * (1.0 + 1e-6)
         _sorted_relevant(problem.queries, problem.gallery, q_ids, problem.query_keys, problem.gallery_keys,
                          problem.multi, gallery.members, lo, hi, skip_self, tolerance, offsets, rel_d, rel_i)
         # Plus the tolerance of the relevant items' vectorised distances (rel_d), with room for rounding.
-        allowance = np.repeat(_rounding_allowance(q_norm, gallery.norm_max, dim, dtype, scale) + tolerance / scale ** 2,
-                              kept[start:stop])
-        centre = np.repeat(q_sq, kept[start:stop]) - rel_d / scale ** 2  # twice the score at the exact distance
-        above = _directed((centre + allowance) / 2.0, dtype, down=True)
-        below = _directed((centre - allowance) / 2.0, dtype, down=False)
+        allowance = _rounding_allowance(q_norm, gallery.norm_max, dim, dtype, scale) + tolerance / scale ** 2
+        above, below = np.empty(offsets[-1], dtype=dtype), np.empty(offsets[-1], dtype=dtype)
+        _thresholds(offsets, q_sq, allowance, rel_d, scale ** 2, above, below)
         augmented = np.empty((len(q_ids), dim + 1), dtype=dtype)
         augmented[:, :dim] = cast
         augmented[:, dim] = -0.5
         items = np.empty((chunk, dim + 1), dtype=dtype)
         buffer = np.empty(len(q_ids) * chunk, dtype=dtype)
-        n_buckets = np.where(kept[start:stop] > _BUCKETS_ABOVE, _BUCKETS_PER_ITEM * kept[start:stop] + 2, 0)
+        n_buckets = np.where(kept[picked] > _BUCKETS_ABOVE, _BUCKETS_PER_ITEM * kept[picked] + 2, 0)
         bucket_offsets = np.concatenate([[0], np.cumsum(n_buckets)])
         low, bucket_scale = np.empty(len(q_ids), dtype=dtype), np.empty(len(q_ids), dtype=dtype)
-        table = np.empty(bucket_offsets[-1], dtype=np.int32)
-        _bucket_tables(offsets, above, below, bucket_offsets, low, bucket_scale, table)
+        uncertain_lo, uncertain_hi = (np.empty(bucket_offsets[-1], dtype=np.int32) for _ in range(2))
+        tally = np.empty(bucket_offsets[-1] + _SPILL * len(q_ids), dtype=np.int32 if n_gallery < 2**31 else np.int64)
+        _bucket_tables(offsets, above, below, bucket_offsets, low, bucket_scale, uncertain_lo, uncertain_hi, tally)
         counts = np.zeros(offsets[-1], dtype=np.int64)
         later = np.zeros(offsets[-1] + len(q_ids), dtype=np.int64)
         for g_start in range(0, n_gallery, chunk):
@@ -586,14 +696,15 @@ def _ranked(problem: _Ranking, block_bytes: int, with_ap: bool, rows: range | No
             scores = buffer[:len(q_ids) * n].reshape(len(q_ids), n)
             np.matmul(augmented, items[:n].T, out=scores)  # q'.e' - |e'|^2 / 2
             _count_before(scores, g_start, problem.queries, problem.gallery, q_ids, skip_self, tolerance, offsets,
-                          above, below, rel_d, rel_i, bucket_offsets, low, bucket_scale, table,
-                          counts, later)
-        _add_later(offsets, bucket_offsets, later, counts)
-        _positions_to_metrics(offsets, counts, n_relevant[start:stop], drop_nearest, with_ap,
-                              ranks[start:stop], ap[start:stop], ap_at_r[start:stop], r_prec[start:stop])
+                          above, below, rel_d, rel_i, bucket_offsets, low, bucket_scale, uncertain_lo, uncertain_hi,
+                          tally, counts, later)
+        _add_later(offsets, bucket_offsets, uncertain_lo, tally, later, counts)
+        values = np.empty(len(q_ids), dtype=np.int64), *(np.full(len(q_ids), np.nan) for _ in range(3))
+        _positions_to_metrics(offsets, counts, n_relevant[picked], drop_nearest, with_ap, *values)
+        ranks[picked], ap[picked], ap_at_r[picked], r_prec[picked] = values
 
-    # Kept relevant items of a block take at most the bytes of its scores, whatever the gallery size.
-    in_threads(rank_block, _query_blocks(kept, size, size * chunk * itemsize), workers)
+    # Kept relevant items of a block take at most the bytes of a score block, whatever the gallery size.
+    in_threads(rank_block, _query_blocks(kept[order], size, state_bytes), workers)
     return ranks, ap, ap_at_r, r_prec
 
 
@@ -715,11 +826,11 @@ def average_precision(embeddings, labels, *, gallery=None, gallery_labels=None, 
     """Per-query AP over the full ranking, and AP@R.
 
     Parameters, and the memory used, are those of :func:`first_relevant_rank`,
-    but every relevant item of a query is kept (about 96 bytes each at the
+    but every relevant item of a query is kept (about 112 bytes each at the
     peak, with its score buckets), so a query block holds at most as many bytes of
-    them as of scores (at least one query's), whatever the gallery size.
+    them as a default block of scores (at least one query's), whatever the gallery size.
     Cost: the GEMM, plus O(R) per gallery item and query for R <= 10 relevant
-    items, O(1) beyond (plus O(R) per query and gallery chunk).
+    items, O(1) beyond (plus O(R) per query).
 
     Returns
     -------
