@@ -123,6 +123,11 @@ def test_evaluate_prints_and_writes_the_report(files, capsys):
     assert main(["evaluate", "--embeddings", str(files / "e.npy"), "--labels", str(files / "y.npy"),
                  "--exclude", "nearest", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["metrics"] == retrieval_metrics(x, y, exclude="nearest")
+    assert main(["evaluate", "--embeddings", str(files / "e.npy"), "--labels", str(files / "y.npy"),
+                 "--no-nmi", "--json", str(out)]) == 0
+    without = json.loads(out.read_text())["metrics"]
+    assert without == retrieval_metrics(x, y, nmi=False) and "NMI" not in without
+    assert without.items() <= retrieval_metrics(x, y).items()  # the same values, NMI aside
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None and not os.environ.get("CI"),
