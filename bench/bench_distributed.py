@@ -1,15 +1,17 @@
 """Overhead of the Dask path against one process at the same total thread count (issue 11).
 
-Two jobs, each timed both ways, alternating, best of ``--rounds``:
+Three jobs, each timed both ways, alternating, best of ``--rounds``:
 
 * ``certify --model``: a small CNN (``minrr train``'s default, width 32) certifying ``--queries``
   Fashion-MNIST test images with ``--samples`` noisy copies each. One process with torch on
-  2 threads against a local cluster of 2 workers x 1 thread (``--workers 2``), cluster start
-  included. The rows are checked equal (all columns but ``time``).
+  2 threads against a local cluster of 2 workers x 1 thread, started by the command
+  (``--workers 2``, its start timed) and running before the timer starts (``--scheduler``, the
+  way a cluster is used). The rows are checked equal (all columns but ``time``).
 * Hamming search: 20,000 queries x 1,000,000 codes of 64 bits, k = 100 (a job of seconds: Dask
   spends milliseconds on each task, which a 0.1 s job would mostly measure). One process with Numba
-  on 2 threads over one file against the same codes in 2 shards (one per worker, as the README's
-  plan lays a database out) and in 4 shards, on 2 workers x 1 Numba thread. Results checked equal.
+  on 2 threads over one file against the same codes in 2 and in 4 shards on 2 workers x 1 Numba
+  thread, split by queries (chunks of queries over every shard) and by shards (one task per shard,
+  lists merged). Results checked equal.
 * Retrieval metrics (``minrr.metrics.retrieval.query_statistics``, every metric but NMI): 20,000
   random embeddings of 512 dimensions in 5,000 classes, queries = gallery, in one process on 2
   Numba threads against chunks of queries (the default size) on 2 workers x 1 thread, each worker
@@ -26,6 +28,7 @@ import contextlib
 import io
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,7 @@ def _rows(path: Path) -> list[str]:
 def bench_certify(root: Path, queries: int, samples: int, rounds: int) -> dict:
     import torch
 
+    from minrr.backends.distributed import connect
     from minrr.cli.main import main
 
     torch.set_num_threads(2)
@@ -52,14 +56,18 @@ def bench_certify(root: Path, queries: int, samples: int, rounds: int) -> dict:
     assert _quiet(main, ["train", "--task", "dml", "--epochs", "1", "--out", str(model), "--device", "cpu"]) == 0
     common = ["certify", "--model", str(model), "--data", "bundled:test", "--sigma", "0.25", "--samples", str(samples),
               "--max", str(queries), "--device", "cpu"]
-    times = {"one process": [], "dask": []}
-    for r in range(rounds):
-        for name, extra in (("one process", []), ("dask", ["--workers", "2", "--chunk-size", "4"])):
-            out = root / f"{name.replace(' ', '-')}-{r}.tsv"
-            started = time.perf_counter()
-            assert _quiet(main, [*common, "--out", str(out), *extra]) == 0
-            times[name].append(time.perf_counter() - started)
-    assert _rows(root / "one-process-0.tsv") == _rows(root / "dask-0.tsv")
+    with connect(workers=2) as client:
+        ways = {"one process": [], "dask workers": ["--workers", "2", "--chunk-size", "4"],
+                "dask scheduler": ["--scheduler", client.scheduler.address, "--chunk-size", "4"]}
+        times = {name: [] for name in ways}
+        for r in range(rounds):
+            for name, extra in ways.items():
+                out = root / f"{name.replace(' ', '-')}-{r}.tsv"
+                started = time.perf_counter()
+                assert _quiet(main, [*common, "--out", str(out), *extra]) == 0
+                times[name].append(time.perf_counter() - started)
+    for name in ways:
+        assert _rows(root / "one-process-0.tsv") == _rows(root / f"{name.replace(' ', '-')}-0.tsv"), name
     return {name: min(values) for name, values in times.items()}
 
 
@@ -78,7 +86,7 @@ def bench_search(root: Path, n_queries: int, rounds: int) -> dict:
     import numba
 
     from minrr import hamming
-    from minrr.backends.distributed import connect, search_shards
+    from minrr.backends.distributed import SPLITS, connect, search_shards
 
     rng = np.random.default_rng(0)
     database = rng.integers(0, 256, size=(1_000_000, 8), dtype=np.uint8)
@@ -95,13 +103,14 @@ def bench_search(root: Path, n_queries: int, rounds: int) -> dict:
     numba.set_num_threads(2)
     with connect(workers=2) as client:
         expected = hamming.search(queries, np.load(root / "db.npy", mmap_mode="r"), 100, packed=True)
-        for shards in layouts.values():  # warm-up (compiles on the workers), and the check
-            got = search_shards(client, shards, queries, 100, packed=True)
-            assert all(np.array_equal(a, b) for a, b in zip(got, expected))
         ways = {"one process": lambda: hamming.search(queries, np.load(root / "db.npy", mmap_mode="r"), 100,
                                                       packed=True)}
-        for n_shards, shards in layouts.items():
-            ways[f"dask {n_shards}"] = lambda shards=shards: search_shards(client, shards, queries, 100, packed=True)
+        for split in SPLITS:
+            for n_shards, shards in layouts.items():
+                ways[f"dask {split} {n_shards}"] = partial(search_shards, client, shards, queries, 100, packed=True,
+                                                          split=split)
+        for name, way in ways.items():  # warm-up (compiles on the workers), and the check
+            assert all(np.array_equal(a, b) for a, b in zip(way(), expected)), name
         return _alternating(rounds, ways)
 
 
@@ -152,12 +161,15 @@ def main() -> None:
              "",
              f"Machine: {describe(np, torch, numba, distributed)}", "",
              "Same total thread count both ways (2): one process on 2 threads against a local cluster of "
-             "2 worker processes x 1 thread, cluster start included for certify. Best of the rounds, the two "
-             "ways alternating. Results checked equal (certify: every column but `time`).", "",
+             "2 worker processes x 1 thread. Best of the rounds, the ways alternating. Results checked equal "
+             "(certify: every column but `time`).", "",
              "| job | one process (s) | Dask (s) | overhead |", "|---|---:|---:|---:|"]
     search_name = f"Hamming search, {args.search_queries:,} x 1,000,000 x 64 bits, k = 100"
-    jobs = [(f"certify --model, {args.queries} queries x {args.samples} draws, small-cnn", certify, "dask"),
-            (f"{search_name}, 2 shards", search, "dask 2"), (f"{search_name}, 4 shards", search, "dask 4"),
+    jobs = [(f"certify --model --workers 2 (cluster start included), {args.queries} queries x {args.samples} "
+             "draws, small-cnn", certify, "dask workers"),
+            ("certify --model --scheduler (a running local cluster), same job", certify, "dask scheduler"),
+            *((f"{search_name}, {n} shards, split {split}", search, f"dask {split} {n}")
+              for split in ("queries", "shards") for n in (2, 4)),
             (f"retrieval metrics (query_statistics), {args.evaluate_size:,} x 512, {args.evaluate_size // 4:,} "
              "classes, queries = gallery", evaluate, "dask")]
     for name, result, way in jobs:

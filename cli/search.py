@@ -22,8 +22,8 @@ def register(subparsers) -> None:
                     "(n, K) arrays with values in {-1, 1} or {0, 1} (numeric or bool), or with "
                     "--packed uint8 rows in the np.packbits / faiss layout (K = 8 x columns). The "
                     "database is memory-mapped and scanned in blocks; a folder of .npy shards is searched "
-                    "shard by shard (on a Dask cluster with --scheduler or --workers) and the lists merged "
-                    "by (distance, index), with the same result as one file.",
+                    "as the concatenation of its shards (on a Dask cluster with --scheduler or --workers), "
+                    "with the same result as one file.",
     )
     p.add_argument("--database", required=True, metavar="db.npy|DIR",
                    help="database codes, (N, K); or a folder of .npy shards, rows in the order of the file "
@@ -39,7 +39,15 @@ def register(subparsers) -> None:
                    help="query labels, (n_queries,) integers or (n_queries, C) multi-hot: report mAP@K")
     p.add_argument("--database-labels", metavar="dl.npy", help="database labels, like --labels")
     add_cluster_flags(p, title="a folder of shards on a Dask cluster (needs minrr[distributed])",
-                      work="each worker searches whole shards, memory-mapped from its own file system")
+                      work="each worker memory-maps the shards from its own file system",
+                      chunk=("queries", None, "about four tasks per thread of the cluster, at least 256; "
+                             "with --split queries"))
+    p.add_argument("--split", choices=("queries", "shards"), default="queries",
+                   help="how a folder of shards is cut into tasks: 'queries' (default) searches chunks of "
+                        "queries over every shard in turn, the work of one process, each worker reading the "
+                        "whole database; 'shards' searches all queries over one shard per task and merges "
+                        "the lists, each worker reading only its shards (a database larger than a machine's "
+                        "memory), at the cost of repeating the top-k admission in every shard")
     p.set_defaults(run=run)
 
 
@@ -67,9 +75,11 @@ def _search(args, database, queries):
     from minrr.backends.distributed import search_shards
 
     if not on_cluster(args):
-        return search_shards(None, database.shards, queries, args.top_k, packed=args.packed)
+        return hamming.search(queries, [load_npy(path, name="--database", mmap=True) for path in database.shards],
+                              args.top_k, packed=args.packed, progress=True)
     with cluster(args) as client:
-        return search_shards(client, database.shards, queries, args.top_k, packed=args.packed)
+        return search_shards(client, database.shards, queries, args.top_k, packed=args.packed, split=args.split,
+                             chunk_size=args.chunk_size)
 
 
 def _load(args):

@@ -15,7 +15,8 @@ words
 The Hamming distance of two codes is ``popcount(a xor b)``, which for +-1 codes equals
 ``(K - <b1, b2>) / 2``. Rankings order the database by (distance, index): ties go to the
 smaller database index, as in faiss. The database is scanned in blocks of about 1 MiB of
-words, so a memory-mapped ``.npy`` database of any size is searched in bounded memory.
+words, so a memory-mapped ``.npy`` database of any size is searched in bounded memory; a
+database stored as several arrays (shards) is searched as their concatenation, in one pass.
 """
 
 from __future__ import annotations
@@ -122,6 +123,35 @@ class _Codes:
         if len(self._alphabets) > 1:
             raise ValueError(f"{self.name}: codes mix the -1/1 and 0/1 alphabets (both -1 and 0 occur)")
         return ones
+
+
+class _Shards:
+    """Code arrays (shards) read as one database: their concatenation along rows.
+
+    The kernels carry the top-k state from one shard's blocks to the next, so a search over
+    shards does the work of a search over one array of all the rows.
+    """
+
+    def __init__(self, shards, *, packed: bool, name: str):
+        if len(shards) == 0:
+            raise ValueError(f"{name}: expected at least one shard, got none")
+        self.parts = [_Codes(shard, packed=packed, name=f"{name} shard {i}") for i, shard in enumerate(shards)]
+        first = self.parts[0]
+        alphabets: set[str] = set()  # one code alphabet across the shards
+        for i, part in enumerate(self.parts):
+            if part.n_bits != first.n_bits:
+                raise ValueError(f"{name}: shard {i} holds codes of {part.n_bits} bits, shard 0 of {first.n_bits}")
+            part._alphabets = alphabets
+        self.n = sum(part.n for part in self.parts)
+        self.n_bits, self.n_words = first.n_bits, first.n_words
+
+    def blocks(self, transposed: bool):
+        """:meth:`_Codes.blocks` of every shard in turn, rows numbered in the concatenation."""
+        offset = 0
+        for part in self.parts:
+            for start, stop, block in part.blocks(transposed):
+                yield offset + start, offset + stop, block
+            offset += part.n
 
 
 def pack(codes, *, name: str = "codes") -> np.ndarray:
@@ -449,9 +479,13 @@ def _distance_block(block, transposed, offset, queries, n_shards, out):
 # ---------------------------------------------------------------------------
 
 
-def _prepare(database, queries, packed: bool) -> tuple[_Codes, np.ndarray, int]:
-    """Validate both code arrays; return the database reader, query words, shard count."""
-    db = _Codes(database, packed=packed, name="database")
+def _prepare(database, queries, packed: bool) -> tuple[_Codes | _Shards, np.ndarray, int]:
+    """Validate both code arrays (the database: an array or a list of shards); return the
+    database reader, query words, shard count."""
+    if isinstance(database, (list, tuple)):
+        db = _Shards(database, packed=packed, name="database")
+    else:
+        db = _Codes(database, packed=packed, name="database")
     qs = _Codes(queries, packed=packed, name="queries")
     if qs.n_bits != db.n_bits:
         raise ValueError(
@@ -478,7 +512,8 @@ def hamming_distances(queries, database, *, packed: bool = False) -> np.ndarray:
     Parameters
     ----------
     queries : (n_queries, K) codes, or (n_queries, K / 8) uint8 / (n_queries, W) uint64 with ``packed=True``
-    database : (N, K) codes in the same layout
+    database : (N, K) codes in the same layout, or a list of (N_s, K) arrays (shards, e.g.
+        memory-mapped ``.npy`` files) taken as their concatenation along rows
     packed : bool, whether both arrays are packed (uint8 packbits or uint64 words)
 
     Returns
@@ -510,7 +545,8 @@ def search(queries, database, k: int, *, packed: bool = False, progress: bool = 
     Parameters
     ----------
     queries : (n_queries, K) codes, or (n_queries, K / 8) uint8 / (n_queries, W) uint64 with ``packed=True``
-    database : (N, K) codes in the same layout
+    database : (N, K) codes in the same layout, or a list of (N_s, K) arrays (shards, e.g.
+        memory-mapped ``.npy`` files) taken as their concatenation along rows
     k : int, 1 <= k <= N
     packed : bool, whether both arrays are packed (uint8 packbits or uint64 words)
     progress : bool, show a progress bar on stderr

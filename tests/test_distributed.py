@@ -36,9 +36,15 @@ def test_search_over_shards_equals_one_machine(client, tmp_path):
     for s, (a, b) in enumerate([(0, 120), (120, 121), (121, 400), (400, 500)]):
         np.save(folder / f"shard-{s:05d}.npy", database[a:b])
     shards = shard_paths(folder, name="database")
-    got = distributed.search_shards(client, shards, queries, 40)
-    for g, w in zip(got, hamming.search(queries=queries, database=database, k=40)):
-        np.testing.assert_array_equal(g, w)
+    want = hamming.search(queries=queries, database=database, k=40)
+    for split, chunk_size in (("shards", None), ("queries", None), ("queries", 7), ("queries", 1000)):
+        got = distributed.search_shards(client, shards, queries, 40, split=split, chunk_size=chunk_size)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+    with pytest.raises(ValueError, match="split: expected one of queries, shards, got 'rows'"):
+        distributed.search_shards(client, shards, queries, 40, split="rows")
+    with pytest.raises(ValueError, match="chunk_size: expected a whole number >= 1, got 0"):
+        distributed.search_shards(client, shards, queries, 40, chunk_size=0)
 
 
 def test_in_order_yields_chunks_in_order_with_a_small_window(client):
@@ -96,7 +102,9 @@ def test_minrr_search_over_a_folder_of_shards(tmp_path, capsys):
               "--database-labels", str(tmp_path / "dy.npy")]
     assert main(["search", "--database", str(tmp_path / "db.npy"), *common, "--out", str(tmp_path / "one.npz")]) == 0
     reference = capsys.readouterr().out.splitlines()
-    for extra, out in (([], "local.npz"), (["--workers", "2"], "dask.npz")):
+    for extra, out in (([], "local.npz"), (["--workers", "2"], "dask.npz"),
+                       (["--workers", "2", "--split", "shards"], "by-shard.npz"),
+                       (["--workers", "2", "--chunk-size", "5"], "chunked.npz")):
         assert main(["search", "--database", str(folder), *common, "--out", str(tmp_path / out), *extra]) == 0
         printed = capsys.readouterr().out.splitlines()
         assert [line for line in printed if "mAP" in line] == [line for line in reference if "mAP" in line]

@@ -170,6 +170,46 @@ def test_packed_layouts_give_the_same_search(n_bits, n, k, seed):
             np.testing.assert_array_equal(got, want)
 
 
+@settings(max_examples=30, deadline=None)
+@given(n_bits=LENGTHS, n=st.integers(1, 1500), n_queries=st.integers(1, 12), pool=st.integers(1, 40),
+       k_fraction=st.floats(0, 1), cuts=st.lists(st.floats(0, 1), max_size=4), small=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_search_over_shards_equals_the_concatenation(n_bits, n, n_queries, pool, k_fraction, cuts, small, seed):
+    """A list of shards (one-row shards, shards smaller than k, ties across their borders) is
+    searched, ranked and measured as the one array of their rows."""
+    rng = np.random.default_rng(seed)
+    database = _codes(rng, n, n_bits, pool)
+    queries = _codes(rng, n_queries, n_bits)
+    k = max(1, round(k_fraction * n))
+    bounds = [0, *sorted({min(n - 1, max(1, round(c * n))) for c in cuts if n > 1}), n]
+    shards = [database[a:b] for a, b in zip(bounds, bounds[1:])]
+    distances = _oracle_distances(database, queries)
+    with small_blocks() if small else contextlib.nullcontext(), tight_buffers():
+        found = hamming.search(queries, shards, k)
+        ranked = hamming.rank(queries, tuple(shards))
+        all_distances = hamming.hamming_distances(queries, shards)
+    for got, want in zip(found, _oracle_top_k(distances, k)):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(ranked, _oracle_top_k(distances, n)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(all_distances, distances)
+
+
+def test_bad_shards_are_named():
+    good = np.ones((10, 16), dtype=np.int8)
+    with pytest.raises(ValueError, match="database: expected at least one shard"):
+        hamming.search(good, [], 1)
+    with pytest.raises(ValueError, match="database: shard 1 holds codes of 8 bits, shard 0 of 16"):
+        hamming.search(good, [good, good[:, :8]], 1)
+    with pytest.raises(ValueError, match="database shard 2: no codes"):
+        hamming.search(good, [good, good, good[:0]], 1)
+    mixed = [good, good.copy()]
+    mixed[1][3, 3] = 0  # 0/1 in one shard, -1/1 in another
+    mixed[0][2, 2] = -1
+    with pytest.raises(ValueError, match="codes mix the -1/1 and 0/1 alphabets"):
+        hamming.search(good, mixed, 1)
+
+
 def test_memory_mapped_database(tmp_path):
     rng = np.random.default_rng(3)
     database = _codes(rng, 3000, 100, pool=200)
