@@ -118,7 +118,7 @@ def _values(loss, out, n: int) -> torch.Tensor:
 def pgd(model: torch.nn.Module, x: torch.Tensor, loss: Callable, *, eps: float, alpha: float, steps: int,
         norm: str = "linf", step: str | None = None, random_start: bool = False, seed: int = 0,
         first_index: int = 0, forward: Callable | None = None, stop: Callable | None = None,
-        keep: str = "last") -> torch.Tensor:
+        keep: str = "last", start_output: torch.Tensor | None = None) -> torch.Tensor:
     """Projected gradient ascent of ``loss(forward(x'))`` over ``x'`` in the eps-ball around x and [0, 1].
 
     Parameters
@@ -138,12 +138,18 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, loss: Callable, *, eps: float, 
     stop : callable of ``forward(x')`` returning (N,) bools, True where the goal is reached;
         such items keep that iterate and take no more steps.
     keep : "last" iterate or the "best" (largest loss) iterate seen, per item.
+    start_output : ``forward(x)``, already computed by the caller with ``x`` a leaf that requires
+        grad, in eval mode with frozen parameters (:func:`frozen`): the first step uses it and its
+        graph instead of running the forward pass again (adversarial training mines its triplets
+        from that pass). Needs the clean start (``random_start`` False).
 
     Returns
     -------
     (N, *shape) adversarial images, detached, on x's device.
     """
     eps, alpha, steps, step = check_attack(eps, alpha, steps, norm, step, keep)
+    if start_output is not None and (random_start or not (x.is_leaf and x.requires_grad)):
+        raise ValueError("start_output: needs the clean start (random_start=False) and x a leaf that requires grad")
     forward = model if forward is None else forward
     x_orig = x.detach()
     n = len(x_orig)
@@ -153,9 +159,12 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, loss: Callable, *, eps: float, 
         best = best_value = active = None
         for t in range(steps + (1 if track else 0)):
             evaluate_only = t == steps
-            adv.requires_grad_(not evaluate_only)
+            if t == 0 and start_output is not None:
+                adv = x
+            else:
+                adv.requires_grad_(not evaluate_only)
             with torch.set_grad_enabled(not evaluate_only):
-                out = forward(adv)
+                out = start_output if adv is x else forward(adv)
                 value = _values(loss, out, n)
             if track:
                 item_value = value.detach() if value.dim() == 1 else None

@@ -79,6 +79,7 @@ _DEFAULTS = {
                    "top_ranked_weight": 0.5, "top_ranked_margin": 0.04},
     "freeat": {"attack_eps": 8 * _PIXEL, "replays": 4},
 }
+_WHOLE_BATCH = ("naive", "hm")  # defences whose attack perturbs every item from the clean start
 _DIAGNOSTIC_LAMBDA = 10.0  # collapseness of the diagnostics when the defence has no lambda (CUB's value)
 
 
@@ -231,15 +232,25 @@ class TripletBatch:
     clean: torch.Tensor       # (B, dim) clean embeddings, eval mode, detached
     triplets: tuple           # (a, p, n) index tensors into the batch
     anchors: torch.Tensor     # (B,) bool
+    clean_graph: torch.Tensor | None = None  # clean with its graph from x (a leaf requiring grad), or None
 
 
 def triplet_batch(model, x: torch.Tensor, labels: torch.Tensor, band: float,
-                  generator: torch.Generator) -> TripletBatch:
-    """Clean embeddings (eval mode), roles (:func:`split_roles`) and triplets (:func:`mine_triplets`)."""
-    with torch.no_grad(), frozen(model):
-        clean = model(x)
+                  generator: torch.Generator, *, keep_graph: bool = False) -> TripletBatch:
+    """Clean embeddings (eval mode), roles (:func:`split_roles`) and triplets (:func:`mine_triplets`).
+
+    ``keep_graph``: run the clean pass with gradients to x, kept as the first step of an attack that
+    perturbs the whole batch from the clean start (the mining pass is then no extra forward pass).
+    """
+    graph = None
+    with torch.set_grad_enabled(keep_graph), frozen(model):
+        if keep_graph:
+            x = x.detach().requires_grad_(True)
+        graph = model(x)
+    clean = graph.detach()
     anchors = split_roles(labels)
-    return TripletBatch(x, clean, mine_triplets(clean, labels, anchors, band, generator), anchors)
+    return TripletBatch(x, clean, mine_triplets(clean, labels, anchors, band, generator), anchors,
+                        graph if keep_graph else None)
 
 
 def _replace(base: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -252,15 +263,18 @@ def _attack(model, batch: TripletBatch, eps: float, alpha: float, steps: int, in
     """PGD on the items ``index`` of the batch; ``objective(emb)`` sees the whole batch's embeddings
     (clean rows for the items not perturbed) and returns a scalar to maximise."""
     n = len(index)
-    forward = (lambda z: model(z)) if n == len(batch.x) else (lambda z: _replace(batch.clean, index, model(z)))
+    whole = n == len(batch.x)
+    forward = model if whole else (lambda z: _replace(batch.clean, index, model(z)))
 
     def loss(emb):
         value = objective(emb)
         return value.expand(n) / n if stop is not None else value
 
-    adv = pgd(model, batch.x[index], loss, eps=eps, alpha=alpha, steps=steps, forward=forward,
-              stop=None if stop is None else (lambda emb: stop(emb).expand(n)))
-    return batch.x.index_put((index,), adv)
+    start_output = batch.clean_graph if whole else None
+    adv = pgd(model, batch.x if start_output is not None else batch.x[index], loss, eps=eps, alpha=alpha, steps=steps,
+              forward=forward, stop=None if stop is None else (lambda emb: stop(emb).expand(n)),
+              start_output=start_output)
+    return batch.x.detach().index_put((index,), adv)
 
 
 def cap_attack(model, batch: TripletBatch, *, eps: float, alpha: float, steps: int, lam: float) -> torch.Tensor:
@@ -552,7 +566,7 @@ def fit(model, images, labels, *, task: str, defense: str = "none", epochs: int 
                     x = backend._to_input(images[index])
                     band = ramp(epoch + 1, epochs)[1] if defense == "colo-tride" else margin
                     batch = triplet_batch(model, x, torch.as_tensor(y[index], device=x.device), band,
-                                          backend._generator(stream))
+                                          backend._generator(stream), keep_graph=defense in _WHOLE_BATCH)
                     if len(batch.triplets[0]) > 0:
                         losses.append(_dml_step(model, optimizer, batch, settings, margin, step, epoch + 1, epochs,
                                                 state.memory))

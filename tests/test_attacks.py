@@ -146,6 +146,37 @@ def test_stop_freezes_items_that_reached_the_goal(setup):
             assert torch.allclose(adv[i], free[i])
 
 
+def test_start_output_is_the_first_steps_forward_pass():
+    """Given forward(x) with its graph, PGD takes its first step from it and ends where it would
+    have ended running that pass itself; a different start_output moves the first step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7), torch.nn.Tanh(),
+                                torch.nn.Linear(7, 3)).double()
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).double()
+    images = torch.as_tensor(np.random.default_rng(1).uniform(0.2, 0.8, size=(6, *SHAPE)))
+
+    def loss(out):
+        return out.pow(2).sum(dim=1)
+
+    def leaf_and_output(net):
+        x = images.clone().requires_grad_(True)
+        with frozen(net):
+            return x, net(x)
+
+    for kwargs in ({"steps": 1}, {"steps": 4}, {"steps": 4, "keep": "best"},
+                   {"steps": 4, "stop": lambda out: loss(out) > 0.5}):
+        expected = pgd(model, images, loss, eps=0.1, alpha=0.02, **kwargs)
+        x, out = leaf_and_output(model)
+        assert torch.equal(pgd(model, x, loss, eps=0.1, alpha=0.02, start_output=out, **kwargs), expected)
+    x, out = leaf_and_output(other)
+    assert not torch.equal(pgd(model, x, loss, eps=0.1, alpha=0.02, steps=1, start_output=out),
+                           pgd(model, images, loss, eps=0.1, alpha=0.02, steps=1))
+    with pytest.raises(ValueError, match="start_output: needs the clean start"):
+        pgd(model, x, loss, eps=0.1, alpha=0.02, steps=1, start_output=out, random_start=True)
+    with pytest.raises(ValueError, match="start_output: needs the clean start"):
+        pgd(model, images, loss, eps=0.1, alpha=0.02, steps=1, start_output=out)
+
+
 def test_loss_must_give_one_value_per_item(setup):
     model, _, _, images = setup
     with pytest.raises(ValueError, match=r"loss: expected a tensor of shape \(6,\)"):

@@ -24,11 +24,21 @@ def _require_torch():
         pytest.skip("torch is not installed")
 
 
-@pytest.fixture(params=list(BACKENDS))
+def _cuda_available() -> bool:
+    if not HAVE_TORCH:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(params=[*BACKENDS, pytest.param("torch-cuda", marks=pytest.mark.skipif(
+    not _cuda_available(), reason="no CUDA device: the torch backend's contract on a GPU"))])
 def backend(request):
-    if request.param == "torch":
+    """Every backend; torch on the CPU, and on the GPU where there is one."""
+    if request.param.startswith("torch"):
         _require_torch()
-        return get_backend("torch", device="cpu")
+        return get_backend("torch", device="cuda" if request.param == "torch-cuda" else "cpu")
     return get_backend(request.param)
 
 
@@ -69,7 +79,7 @@ def loss_for(backend, direction):
     """Keyword arguments of attack_step for L(x) = sum <direction, h(x)> with the identity model."""
     if backend.name == "numpy":
         return {"grad": lambda x: np.broadcast_to(direction.reshape(x.shape[1:]), x.shape).copy()}
-    return {"loss": lambda out: (out * torch.as_tensor(direction, dtype=out.dtype)).sum()}
+    return {"loss": lambda out: (out * torch.as_tensor(direction, dtype=out.dtype, device=out.device)).sum()}
 
 
 @pytest.fixture
@@ -178,7 +188,7 @@ def recording_model(backend, seen):
 
     class Recorder(torch.nn.Module):
         def forward(self, x):
-            seen.append(x.detach().numpy().copy())
+            seen.append(x.detach().cpu().numpy().copy())
             return flat(x)
     return Recorder()
 

@@ -211,6 +211,44 @@ def test_every_defence_trains_deterministically(fashion, task, defense):
     assert not all(torch.equal(u, v) for u, v in zip(runs[0][0], _weights(tiny(head))))
 
 
+@pytest.mark.parametrize("defense", ["naive", "hm"])
+def test_the_mining_pass_as_first_attack_step_changes_nothing(fashion, defense, monkeypatch):
+    """Naive AT and HM reuse the clean pass that mines the triplets as PGD's first forward pass:
+    the same weights as mining and attacking with separate passes."""
+    images, labels = fashion[0][:64], fashion[1][:64]
+    settings = dfn.defence_settings("dml", defense, attack_steps=2)
+    weights = []
+    for whole_batch in (dfn._WHOLE_BATCH, ()):
+        monkeypatch.setattr(dfn, "_WHOLE_BATCH", whole_batch)
+        model = tiny()
+        dfn.fit(model, images, labels, task="dml", defense=defense, settings=settings, epochs=1, batch_size=32,
+                seed=3, backend=CPU)
+        weights.append(_weights(model))
+    assert all(torch.equal(u, v) for u, v in zip(*weights))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the defences on a GPU")
+@pytest.mark.parametrize("task, defense", [("dml", "naive"), ("dml", "act"), ("dml", "hm"), ("dml", "colo-tride"),
+                                           ("hash", "freeat")])
+def test_every_defence_trains_on_a_gpu(fashion, task, defense):
+    """Each defence on CUDA: the model stays on the device, learns, and logs its diagnostics; the same
+    seed gives the same first loss (later ones drift with the GPU's non-deterministic sums)."""
+    images, labels = fashion[0][:128], fashion[1][:128]
+    head = "embedding" if task == "dml" else "hash"
+    settings = dfn.defence_settings(task, defense, **({"attack_steps": 2} if task == "dml" else {"replays": 2}))
+    gpu = get_backend("torch", device="cuda")
+    runs = []
+    for _ in range(2):
+        model = tiny(head)
+        state = dfn.fit(model, images, labels, task=task, defense=defense, settings=settings, epochs=2, batch_size=32,
+                        seed=3, backend=gpu, held_out=(fashion[2][:64], fashion[3][:64]))
+        assert all(p.device.type == "cuda" for p in model.parameters())
+        assert len(state.diagnostics) == 2 and np.all(np.isfinite(state.history))
+        runs.append((_weights(model), state.history))
+    assert runs[0][1][0] == pytest.approx(runs[1][1][0], rel=1e-4, abs=1e-6)
+    assert not all(torch.equal(u.cpu(), v) for u, v in zip(runs[0][0], _weights(tiny(head))))
+
+
 def test_naive_at_collapses_and_colo_tride_does_not(fashion):
     """Fashion-MNIST, small CNN, an adversary of eps 32/255 (4 steps of 8/255), four epochs.
 
