@@ -23,7 +23,9 @@ for a run done in pieces), in blocks of L draws (:func:`noise_block`: about
 depends only on (seed, i, n, the image shape, the backend and device), never
 on the batch size or on the other queries, and each query goes through the
 model in its own batches. Embeddings are accumulated in float64 by
-:class:`~minrr.smoothing.EstimateAccumulator`, so memory does not grow with n.
+:class:`~minrr.smoothing.EstimateAccumulator`, so memory does not grow with n; on a GPU
+the accumulation runs on the device (:meth:`Backend._moments`) and each query's
+statistics reach the host once, so the device never waits for the host between batches.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 from minrr.data.loaders import check_images, to_unit_float
 from minrr.io import check_positive
 from minrr.progress import progress_bar
-from minrr.smoothing import EstimateAccumulator, SmoothedEstimate
+from minrr.smoothing import EstimateAccumulator, SmoothedEstimate, batch_moments
 
 from . import is_torch_tensor
 
@@ -148,10 +150,24 @@ class _NoiseStream:
         return out
 
 
+def check_outputs(out, batch: int):
+    """``out`` if it holds (batch, dim) model outputs (any array with ndim and shape), else a ValueError."""
+    if out.ndim != 2 or out.shape[0] != batch:
+        raise ValueError(f"model: expected (batch, dim) outputs for a batch of {batch}, got shape {tuple(out.shape)}")
+    return out
+
+
 def _finite(out: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(out)):
         raise ValueError("model: returned NaN or infinity")
     return out
+
+
+def _check_sampling(x, sigma, n_samples, seed, first_index, batch_size) -> tuple:
+    """The sampling arguments of :meth:`Backend.sample_noisy`, checked."""
+    return (_as_images(x, "x"), check_positive(sigma, name="sigma"), check_whole(n_samples, "n_samples", 2),
+            check_whole(seed, "seed", 0), check_whole(first_index, "first_index", 0),
+            check_whole(batch_size, "batch_size", 1))
 
 
 def _stack(estimates: list[SmoothedEstimate]) -> SmoothedEstimate:
@@ -200,10 +216,7 @@ class Backend(ABC):
 
     def _forward(self, model, batch, *, float64: bool = False) -> np.ndarray:
         """:meth:`_run`, with the shape of the outputs checked: (batch, dim)."""
-        out = self._run(model, batch, float64)
-        if out.ndim != 2 or out.shape[0] != len(batch):
-            raise ValueError(f"model: expected (batch, dim) outputs for a batch of {len(batch)}, got shape {out.shape}")
-        return out
+        return check_outputs(self._run(model, batch, float64), len(batch))
 
     # ---- the verbs ------------------------------------------------------------------------
     def embed(self, model, x, *, batch_size: int = 256, progress: bool = False) -> np.ndarray:
@@ -244,12 +257,16 @@ class Backend(ABC):
         SmoothedEstimate with ``mean`` (N, dim) = g_hat and the norm statistics the bounds need.
         """
         accumulators = []
-        for _, start, out in self.noisy_embeddings(model, x, sigma, n_samples, seed=seed, first_index=first_index,
-                                                   batch_size=batch_size, progress=progress):
+        for _, start, moments in self._noisy_batches(model, *_check_sampling(x, sigma, n_samples, seed, first_index,
+                                                                             batch_size), progress, self._moments):
             if start == 0:
-                accumulators.append(EstimateAccumulator(1, out.shape[1]))
-            accumulators[-1].add(out[None])
-        return _stack([a.result() for a in accumulators])
+                accumulators.append(EstimateAccumulator(1, moments[1].shape[1]))
+            accumulators[-1].add_moments(*moments)
+        estimates = [a.result(to_host=self._to_host) for a in accumulators]
+        for estimate in estimates:  # statistics kept on a device are checked here, once per query
+            _finite(estimate.mean)
+            _finite(estimate.sq_norm_mean)
+        return _stack(estimates)
 
     def noisy_embeddings(self, model, x, sigma: float, n_samples: int, *, seed: int = 0, first_index: int = 0,
                          batch_size: int = 1000, progress: bool = False):
@@ -260,15 +277,21 @@ class Backend(ABC):
         ``start .. start + b - 1`` of query j, b <= ``batch_size``. Query j's draws are those
         whose mean :meth:`sample_noisy` returns, whatever the batch size.
         """
-        x = _as_images(x, "x")
-        sigma = check_positive(sigma, name="sigma")
-        n_samples = check_whole(n_samples, "n_samples", 2)
-        seed = check_whole(seed, "seed", 0)
-        first_index = check_whole(first_index, "first_index", 0)
-        batch_size = check_whole(batch_size, "batch_size", 1)
-        return self._noisy_batches(model, x, sigma, n_samples, seed, first_index, batch_size, progress)
+        return self._noisy_batches(model, *_check_sampling(x, sigma, n_samples, seed, first_index, batch_size),
+                                   progress, lambda run, batch: _finite(self._forward(run, batch, float64=True)))
 
-    def _noisy_batches(self, model, x, sigma, n_samples, seed, first_index, batch_size, progress):
+    def _moments(self, run, batch) -> tuple:
+        """``(b, *moments)`` of the model's outputs on a noisy batch of one query, for
+        :meth:`EstimateAccumulator.add_moments`: here float64 NumPy on the host."""
+        out = _finite(self._forward(run, batch, float64=True))
+        return (len(out), *batch_moments(out[None]))
+
+    def _to_host(self, array) -> np.ndarray:
+        """An array of :meth:`_moments`' kind as a NumPy array."""
+        return np.asarray(array)
+
+    def _noisy_batches(self, model, x, sigma, n_samples, seed, first_index, batch_size, progress, reduce):
+        """Yield ``(j, start, reduce(run, noisy batch))`` for every batch of every query (see noisy_embeddings)."""
         block = noise_block(n_samples, int(np.prod(x.shape[1:])))
         with progress_bar(len(x) * n_samples, progress, "draw") as bar:
             for j in range(len(x)):
@@ -278,10 +301,10 @@ class Backend(ABC):
                         if stream is None:
                             center = self._to_input(x[j:j + 1])[0]
                             stream = _NoiseStream(self, center, sigma, query_seed(seed, first_index + j), block)
-                        out = _finite(self._forward(run, stream.take(min(batch_size, n_samples - start)),
-                                                    float64=True))
+                        count = min(batch_size, n_samples - start)
+                        out = reduce(run, stream.take(count))
                     if bar is not None:
-                        bar.update(len(out))
+                        bar.update(count)
                     yield j, start, out
 
     def pgd(self, model, x, *, eps: float, alpha: float, steps: int, loss=None, grad=None, targets=None,

@@ -15,7 +15,7 @@ import contextlib
 import numpy as np
 import torch
 
-from .base import Backend
+from .base import Backend, check_outputs
 
 __all__ = ["TorchBackend", "default_device"]
 
@@ -42,6 +42,7 @@ class TorchBackend(Backend):
             torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as exc:
             raise ValueError(f"device: {device!r} is not usable here ({str(exc).splitlines()[0]})") from None
+        self._host_statistics = self.device.type == "cpu"  # sampling statistics in NumPy; else on the device
 
     def _module(self, model) -> torch.nn.Module:
         if not isinstance(model, torch.nn.Module):
@@ -66,10 +67,28 @@ class TorchBackend(Backend):
         return batch.to(self.dtype)
 
     def _run(self, model, batch, float64):
+        return self._embeddings(model, batch).to("cpu", torch.float64 if float64 else None).numpy()
+
+    def _embeddings(self, model, batch) -> torch.Tensor:
         out = model(batch)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"model: expected a tensor of embeddings, got {type(out).__name__}")
-        return out.detach().to("cpu", torch.float64 if float64 else None).numpy()
+        return out.detach()
+
+    def _moments(self, run, batch) -> tuple:
+        """On the CPU, NumPy's (the base class's); elsewhere float64 on the device, the same formulas as
+        :func:`minrr.smoothing.batch_moments`, with no copy to the host and no wait for it."""
+        if self._host_statistics:
+            return super()._moments(run, batch)
+        out = check_outputs(self._embeddings(run, batch), len(batch)).to(torch.float64)[None]  # (1, b, dim)
+        sq = (out * out).sum(dim=2)
+        norms = sq.sqrt()
+        sq_mean = sq.mean(dim=1)
+        return (len(batch), out.sum(dim=1), sq_mean, ((sq - sq_mean[:, None]) ** 2).sum(dim=1), norms.amin(dim=1),
+                norms.amax(dim=1))
+
+    def _to_host(self, array) -> np.ndarray:
+        return array.cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
     def _generator(self, seed):
         # torch's CPU generator (mt19937) keeps the low 32 bits of a seed, so two queries of a

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SmoothedEstimate", "EstimateAccumulator", "from_samples", "from_means"]
+__all__ = ["SmoothedEstimate", "EstimateAccumulator", "batch_moments", "from_samples", "from_means"]
 
 
 @dataclass(frozen=True)
@@ -50,50 +50,64 @@ class EstimateAccumulator:
     """Streaming float64 accumulation of :class:`SmoothedEstimate` statistics.
 
     ``add(batch)`` takes ``(N, b, dim)`` samples (b draws for each of the N
-    inputs, any b, any number of calls). Squared-norm moments are merged with
-    Chan et al.'s pairwise update, so the variance stays accurate.
+    inputs, any b, any number of calls); ``add_moments`` takes the same batch
+    already reduced to its moments (:func:`batch_moments`), as NumPy arrays or
+    as arrays of another framework that supports NumPy's operators (torch
+    tensors on a GPU: the running state then stays on the device, and nothing
+    waits for the host until :meth:`result`). Squared-norm moments are merged
+    with Chan et al.'s pairwise update, so the variance stays accurate.
     """
 
     def __init__(self, n_inputs: int, dim: int):
-        self._sum = np.zeros((n_inputs, dim))
+        self._shape = (n_inputs, dim)
         self._count = 0
-        self._sq_mean = np.zeros(n_inputs)
-        self._sq_m2 = np.zeros(n_inputs)
-        self._norm_min = np.full(n_inputs, np.inf)
-        self._norm_max = np.zeros(n_inputs)
+        self._sum = self._sq_mean = self._sq_m2 = self._norm_min = self._norm_max = None
 
     def add(self, batch) -> None:
         """Fold in ``batch``: (N, b, dim) noisy embeddings."""
         batch = np.asarray(batch, dtype=np.float64)
-        if batch.ndim != 3 or batch.shape[0] != self._sum.shape[0] or batch.shape[2] != self._sum.shape[1]:
-            raise ValueError(f"samples: expected shape ({self._sum.shape[0]}, b, {self._sum.shape[1]}), got {batch.shape}")
-        b = batch.shape[1]
-        if b == 0:
-            return
-        self._sum += batch.sum(axis=1)
-        sq = np.einsum("nbd,nbd->nb", batch, batch)
-        norms = np.sqrt(sq)
-        np.minimum(self._norm_min, norms.min(axis=1), out=self._norm_min)
-        np.maximum(self._norm_max, norms.max(axis=1), out=self._norm_max)
-        batch_mean = sq.mean(axis=1)
-        batch_m2 = ((sq - batch_mean[:, None]) ** 2).sum(axis=1)
-        total = self._count + b
-        delta = batch_mean - self._sq_mean
-        self._sq_mean += delta * b / total
-        self._sq_m2 += batch_m2 + delta * delta * self._count * b / total
-        self._count = total
+        if batch.ndim != 3 or batch.shape[0] != self._shape[0] or batch.shape[2] != self._shape[1]:
+            raise ValueError(f"samples: expected shape ({self._shape[0]}, b, {self._shape[1]}), got {batch.shape}")
+        if batch.shape[1] > 0:
+            self.add_moments(batch.shape[1], *batch_moments(batch))
 
-    def result(self) -> SmoothedEstimate:
+    def add_moments(self, b: int, total, sq_mean, sq_m2, norm_min, norm_max) -> None:
+        """Fold in b >= 1 draws per input given by their moments (see :func:`batch_moments`)."""
+        if self._sum is None:  # zeros of the moments' kind (and device); min and max start at the first batch's
+            self._sum, self._sq_mean, self._sq_m2 = total * 0.0, sq_mean * 0.0, sq_m2 * 0.0
+            self._norm_min, self._norm_max = norm_min, norm_max
+        else:
+            self._norm_min = self._norm_min.clip(max=norm_min)
+            self._norm_max = self._norm_max.clip(min=norm_max)
+        self._sum = self._sum + total
+        count = self._count + b
+        delta = sq_mean - self._sq_mean
+        self._sq_mean = self._sq_mean + delta * b / count
+        self._sq_m2 = self._sq_m2 + (sq_m2 + delta * delta * self._count * b / count)
+        self._count = count
+
+    def result(self, to_host=np.asarray) -> SmoothedEstimate:
+        """The estimate; ``to_host`` turns the state's arrays into NumPy arrays (e.g. from a GPU)."""
         if self._count < 2:
             raise ValueError(f"samples: need at least 2 draws per input, got {self._count}")
         return SmoothedEstimate(
-            mean=self._sum / self._count,
+            mean=np.array(to_host(self._sum / self._count)),
             n_samples=self._count,
-            sq_norm_mean=self._sq_mean.copy(),
-            sq_norm_var=self._sq_m2 / (self._count - 1),
-            norm_min=self._norm_min.copy(),
-            norm_max=self._norm_max.copy(),
+            sq_norm_mean=np.array(to_host(self._sq_mean)),
+            sq_norm_var=np.array(to_host(self._sq_m2 / (self._count - 1))),
+            norm_min=np.array(to_host(self._norm_min)),
+            norm_max=np.array(to_host(self._norm_max)),
         )
+
+
+def batch_moments(batch: np.ndarray) -> tuple:
+    """The moments of (N, b, dim) float64 draws that :meth:`EstimateAccumulator.add_moments` folds in:
+    ``(total, sq_mean, sq_m2, norm_min, norm_max)``, the (N, dim) sum of the draws, and per input (N,)
+    the mean and the sum of squared deviations of ``||h||^2`` and the smallest and largest ``||h||``."""
+    sq = np.einsum("nbd,nbd->nb", batch, batch)
+    norms = np.sqrt(sq)
+    sq_mean = sq.mean(axis=1)
+    return batch.sum(axis=1), sq_mean, ((sq - sq_mean[:, None]) ** 2).sum(axis=1), norms.min(axis=1), norms.max(axis=1)
 
 
 def from_samples(samples, *, name: str = "samples", max_elements: int = 1 << 22) -> SmoothedEstimate:

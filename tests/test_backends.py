@@ -248,6 +248,37 @@ def test_sampling_arguments_are_checked(backend, images, kwargs, pattern):
         backend.sample_noisy(identity_model(backend), images, call.pop("sigma"), call.pop("n_samples"), **call)
 
 
+def test_statistics_kept_on_the_device_equal_the_host_ones(images):
+    """The GPU path (float64 moments merged on the device, read once per query), run on the CPU,
+    against NumPy's accumulation of the same draws; NaN still fails, at the end of the query."""
+    _require_torch()
+    host = get_backend("torch", device="cpu")
+    on_device = get_backend("torch", device="cpu")
+    on_device._host_statistics = False
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))  # norms vary: every statistic counts
+    fields = ("mean", "sq_norm_mean", "sq_norm_var", "norm_min", "norm_max")
+    for batch_size in (7, 60, 1000):
+        want = host.sample_noisy(model, images, 0.3, 60, seed=2, batch_size=batch_size)
+        got = on_device.sample_noisy(model, images, 0.3, 60, seed=2, batch_size=batch_size)
+        assert got.n_samples == want.n_samples == 60
+        for field in fields:
+            assert getattr(got, field).dtype == np.float64
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-12, atol=1e-15)
+
+    class NaNAfterTenDraws(torch.nn.Module):
+        seen = 0
+
+        def forward(self, x):
+            out = x.flatten(1).clone()
+            if self.seen + len(x) > 10:
+                out[10 - self.seen if self.seen < 10 else 0] = float("nan")
+            self.seen += len(x)
+            return out
+
+    with pytest.raises(ValueError, match="model: returned NaN or infinity"):
+        on_device.sample_noisy(NaNAfterTenDraws(), images[:1], 0.3, 40, seed=2, batch_size=8)
+
+
 def test_sampling_feeds_certify(backend):
     rng = np.random.default_rng(2)
     centers = np.clip(0.5 + 0.3 * rng.normal(size=(3, 1, 4, 4)), 0, 1)
