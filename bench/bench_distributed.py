@@ -17,7 +17,7 @@ Three jobs, each timed both ways, alternating, best of ``--rounds``:
   Numba threads against chunks of queries (the default size) on 2 workers x 1 thread, each worker
   loading the embeddings from a folder of shards. Results checked equal.
 
-Run: ``python bench/bench_distributed.py`` (about 6 minutes on 2 cores); writes
+Run: ``python bench/bench_distributed.py`` (about 12 minutes on 2 cores); writes
 ``bench/results/distributed.md`` with the machine. Target: overhead at most 10%.
 """
 
