@@ -242,7 +242,6 @@ def triplet_batch(model, x: torch.Tensor, labels: torch.Tensor, band: float,
     ``keep_graph``: run the clean pass with gradients to x, kept as the first step of an attack that
     perturbs the whole batch from the clean start (the mining pass is then no extra forward pass).
     """
-    graph = None
     with torch.set_grad_enabled(keep_graph), frozen(model):
         if keep_graph:
             x = x.detach().requires_grad_(True)

@@ -173,11 +173,15 @@ def worker_model(path, sha256: str, device: str = "cpu"):
     return _MODELS[key]
 
 
-def shard_rows(path) -> int:
-    """Rows of one shard (its header only), refusing a shard that is not (N >= 1, K) codes."""
+def _mapped_shard(path):
     from minrr.io import load_npy
 
-    shard = load_npy(path, name=f"database shard {Path(path).name}", mmap=True)
+    return load_npy(path, name=f"database shard {Path(path).name}", mmap=True)
+
+
+def shard_rows(path) -> int:
+    """Rows of one shard (its header only), refusing a shard that is not (N >= 1, K) codes."""
+    shard = _mapped_shard(path)
     if shard.ndim != 2 or len(shard) == 0:
         raise ValueError(f"database: shard {Path(path).name} holds shape {shard.shape}; expected (N, K) codes, N >= 1")
     return len(shard)
@@ -196,12 +200,6 @@ def _check_chunk_size(chunk_size) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a whole number >= 1, got {chunk_size!r}")
-
-
-def _mapped_shard(path):
-    from minrr.io import load_npy
-
-    return load_npy(path, name=f"database shard {Path(path).name}", mmap=True)
 
 
 def _search_all_shards(rows: tuple[int, int], queries, shards: list, k: int, packed: bool):
