@@ -23,7 +23,7 @@ for a run done in pieces), in blocks of L draws (:func:`noise_block`: about
 depends only on (seed, i, n, the image shape, the backend and device), never
 on the batch size or on the other queries, and each query goes through the
 model in its own batches. Embeddings are accumulated in float64 by
-:class:`~minrr.smoothing.EstimateAccumulator`, so memory does not grow with n; on a GPU
+:class:`~minrr.certify.smoothing.EstimateAccumulator`, so memory does not grow with n; on a GPU
 the accumulation runs on the device (:meth:`Backend._moments`) and each query's
 statistics reach the host once, so the device never waits for the host between batches.
 """
@@ -37,7 +37,7 @@ import numpy as np
 from minrr.data.loaders import check_images, to_unit_float
 from minrr.io import check_positive
 from minrr.progress import progress_bar
-from minrr.smoothing import EstimateAccumulator, SmoothedEstimate, batch_moments
+from minrr.certify.smoothing import EstimateAccumulator, SmoothedEstimate, batch_moments
 
 from . import is_torch_tensor
 

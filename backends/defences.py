@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from minrr.collapse import embedding_diagnostics, random_triplets
 from minrr.data.loaders import check_images
-from minrr.hash_centers import hash_centers
+from minrr.hashing.hash_centers import hash_centers
 from minrr.io import check_positive
 
 from .attacks import frozen, pgd, project

@@ -1,10 +1,10 @@
 """Model outputs for the detectors: f(x) and f(t(x)) for every transform a detector reads.
 
 :func:`detector_outputs` runs a model over images and returns what
-:class:`minrr.detect.Detector` (UMCD) or a :class:`minrr.detection_baselines.BaselineDetector`
+:class:`minrr.hashing.detect.Detector` (UMCD) or a :class:`minrr.hashing.detection_baselines.BaselineDetector`
 reads: ``f``, and the outputs on each transformed copy under the keys of
-:data:`minrr.detection_baselines.OUTPUT_TRANSFORMS` (``f_t`` for the 3 x 3 mean blur, ``f_median``,
-...). The transforms are minrr's NumPy ones (:mod:`minrr.transforms`), applied on the host a
+:data:`minrr.hashing.detection_baselines.OUTPUT_TRANSFORMS` (``f_t`` for the 3 x 3 mean blur, ``f_median``,
+...). The transforms are minrr's NumPy ones (:mod:`minrr.hashing.transforms`), applied on the host a
 batch at a time; the forward passes run through the model's backend, in eval mode, on the
 device the model's parameters are on. :func:`database_codes` gives C1's database codes
 sign(f) of database images.
@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from minrr.data.loaders import check_images, to_unit_float
-from minrr.detect import binarize, check_outputs
-from minrr.detection_baselines import squeeze, transformed_outputs
+from minrr.hashing.detect import binarize, check_outputs
+from minrr.hashing.detection_baselines import squeeze, transformed_outputs
 
 from minrr.progress import progress_bar
 
@@ -35,7 +35,7 @@ def detector_outputs(model, images, detector: str = "umcd", *, batch_size: int =
     model : a torch ``nn.Module`` (run on the device of its parameters) or a NumPy callable,
         mapping (b, C, H, W) images in [0, 1] to (b, K) outputs.
     images : (N, C, H, W) uint8 or floats in [0, 1].
-    detector : ``"umcd"`` or one of :data:`minrr.detection_baselines.DETECTORS`.
+    detector : ``"umcd"`` or one of :data:`minrr.hashing.detection_baselines.DETECTORS`.
     batch_size : images per batch; each batch goes through the model with its transformed
         copies, so a forward pass holds up to (1 + number of transforms) * batch_size images.
         Changes nothing but speed and memory (the model is in eval mode).

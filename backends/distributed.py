@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from minrr import hamming
+from minrr.hashing import hamming
 
 __all__ = ["connect", "in_order", "use_worker_threads", "worker_model", "shard_rows", "SPLITS", "search_shards",
            "worker_rows_file", "query_statistics_chunks"]
@@ -230,7 +230,7 @@ def search_shards(client, shards: list, queries, k: int, *, packed: bool = False
         turn, carrying its top-k bound from shard to shard, so the cluster does the work of one
         process (each worker reads the whole database; shards of one machine share its page
         cache). "shards": a task searches every query over one shard, and the lists are merged
-        by (distance, index) (:func:`minrr.hamming.merge_top_k`); each worker then reads only
+        by (distance, index) (:func:`minrr.hashing.hamming.merge_top_k`); each worker then reads only
         its shards (a database larger than a machine's memory), but each shard repeats the top-k
         admission that one pass pays once.
     chunk_size : queries per task of split "queries" (default: about four tasks per thread of

@@ -61,7 +61,7 @@ ATTACKS = tuple(DEFAULTS)
 def mean_blur(x: torch.Tensor, size: int = 3) -> torch.Tensor:
     """UMCD's transform t: the size x size box average of each channel, on x's device.
 
-    The torch twin of :func:`minrr.transforms.mean_blur` (borders mirrored with the edge pixel
+    The torch twin of :func:`minrr.hashing.transforms.mean_blur` (borders mirrored with the edge pixel
     repeated, an even size puts the extra row and column before the pixel), differentiable.
 
     x : (N, C, H, W) images in [0, 1]; returns the same shape.

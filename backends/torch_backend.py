@@ -77,7 +77,7 @@ class TorchBackend(Backend):
 
     def _moments(self, run, batch) -> tuple:
         """On the CPU, NumPy's (the base class's); elsewhere float64 on the device, the same formulas as
-        :func:`minrr.smoothing.batch_moments`, with no copy to the host and no wait for it."""
+        :func:`minrr.certify.smoothing.batch_moments`, with no copy to the host and no wait for it."""
         if self._host_statistics:
             return super()._moments(run, batch)
         out = check_outputs(self._embeddings(run, batch), len(batch)).to(torch.float64)[None]  # (1, b, dim)

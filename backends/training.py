@@ -9,7 +9,7 @@
   (RetrievalGuard's GDML, which trains the base model for the smoothing).
 * ``task="hash"``: CSQ (REFERENCE §2): binary cross entropy between
   ``(f + 1) / 2`` and ``(c + 1) / 2`` for the class centre c of
-  :func:`minrr.hash_centers.hash_centers`, plus ``lambda mean((|f| - 1)^2)``.
+  :func:`minrr.hashing.hash_centers.hash_centers`, plus ``lambda mean((|f| - 1)^2)``.
 
 Steps go through :meth:`TorchBackend.train_step`; the optimiser is Adam. The epoch loop is
 :func:`minrr.backends.defences.fit`, shared with adversarial training.

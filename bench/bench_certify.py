@@ -37,7 +37,7 @@ from minrr.bundled import DEFAULT_SAMPLES, DEFAULT_SIGMAS, run_bundled
 from minrr.certify import certified_recall, certify
 from minrr.data import fashion_mnist_subset
 from minrr.lda import fit_lda
-from minrr.smoothing import from_means
+from minrr.certify.smoothing import from_means
 
 from machine import describe
 

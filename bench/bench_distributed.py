@@ -85,7 +85,7 @@ def _alternating(rounds: int, ways: dict) -> dict:
 def bench_search(root: Path, n_queries: int, rounds: int) -> dict:
     import numba
 
-    from minrr import hamming
+    from minrr.hashing import hamming
     from minrr.backends.distributed import SPLITS, connect, search_shards
 
     rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """Benchmarks of Hamming search (issue 3), each against its peer in the same run.
 
 1. Batch search: 1,000 queries against 1,000,000 random codes of 64 and 256 bits,
-   k = 100, minrr.hamming.search against faiss IndexBinaryFlat, both on 2 threads
+   k = 100, minrr.hashing.hamming.search against faiss IndexBinaryFlat, both on 2 threads
    (target: at least 2x faiss's queries per second). Distances must be equal; indices
    too, since both break ties by the smaller database index.
 2. Single-query latency on the same databases (median of many queries).
@@ -30,7 +30,7 @@ import faiss
 import numba
 import numpy as np
 
-from minrr import hamming
+from minrr.hashing import hamming
 from minrr.metrics.hashing import hamming_map
 
 from machine import describe

@@ -45,7 +45,7 @@ from scipy.stats import norm
 
 from reproduction import Experiment, command, markdown_table, parser, sizes_of
 
-from minrr import bounds
+from minrr.certify import bounds
 from minrr.certify import certify
 from minrr.metrics.retrieval import recall_at_k
 from minrr.cli.plotting import Curve
@@ -227,7 +227,7 @@ def claims(runs: dict, args) -> list[dict]:
                 "paper": "r >= 2 sigma Phi^-1(1/2 + d_low/(8F)) (slides, Theorem 'Monte-Carlo calculation of "
                          "certified radius', eq. (1))",
                 "ours": f"largest radius / sigma, curves a and b: {ratio:.3f}",
-                "holds": _verdict(ratio <= CEILING), "why": "a bug in minrr.radius: this is a theorem"})
+                "holds": _verdict(ratio <= CEILING), "why": "a bug in minrr.certify.radius: this is a theorem"})
 
     # 5. Halfspace >= RetrievalGuard, query by query.
     worst = min(float(np.min(np.asarray(runs[m][s]["halfspace"]["radius"]) -
@@ -239,7 +239,7 @@ def claims(runs: dict, args) -> list[dict]:
                 "source": "minrr (REFERENCE 1b)", "paper": "-",
                 "ours": f"smallest per-query difference c - b: {worst:.2e}; mean radius c / b: "
                         + (f"{min(gain):.2f} to {max(gain):.2f}" if gain else "b certifies nothing"),
-                "holds": _verdict(worst >= 0), "why": "a bug in minrr.halfspace: this is a theorem"})
+                "holds": _verdict(worst >= 0), "why": "a bug in minrr.certify.halfspace: this is a theorem"})
 
     # 6. minrr's default bound certifies more than the paper's.
     worst = min(float(np.min(np.asarray(runs[m][s]["retrievalguard"]["radius"]) -

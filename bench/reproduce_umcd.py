@@ -2,8 +2,8 @@
 
 Regenerates, beside the paper's numbers (its CIFAR-10 and ImageNet columns):
 
-* Table 1: miss rate (FNR) at 5% FPR of UMCD (``minrr.detect.Detector``, joint calibration) and
-  each baseline of ``minrr.detection_baselines`` against the untargeted Hamming PGD, the targeted
+* Table 1: miss rate (FNR) at 5% FPR of UMCD (``minrr.hashing.detect.Detector``, joint calibration) and
+  each baseline of ``minrr.hashing.detection_baselines`` against the untargeted Hamming PGD, the targeted
   DHTA and the untargeted CW attack (``minrr.backends.hashing_attacks``);
 * Table 2: the ablation C3, C1+C3, C2+C3, C1+C2+C3 (detection rate and miss rate at 5% FPR), at
   the paper's eps = 32/255 and at Table 1's eps = 8/255;
@@ -60,7 +60,7 @@ BASELINES = ("lid", "fs-median", "fs-nlm", "fs-adaptive", "mean-blur", "feature-
 DETECTOR_NAMES = {"lid": "LID", "fs-median": "FS-Median", "fs-nlm": "FS-NLM", "fs-adaptive": "FS-Adaptive",
                   "mean-blur": "MeanBlur", "feature-squeezing": "Feature squeezing (all three)", "umcd": "UMCD"}
 SUBSETS = {"C3": (2,), "C1+C3": (0, 2), "C2+C3": (1, 2), "C1+C2+C3": (0, 1, 2)}
-"""Table 2's rows -> the criteria (columns of minrr.detect.criteria) the detector keeps."""
+"""Table 2's rows -> the criteria (columns of minrr.hashing.detect.criteria) the detector keeps."""
 WHITEBOX_FPRS = (0.1, 0.2)
 LAMBDA2 = (0.3, 3.0)
 TOP = 100  # retrieved items behind C1 and behind a targeted attack's success
@@ -196,14 +196,14 @@ class Run:
         return {"calibration": self.outputs(self.calib_x), "evaluation": self.outputs(self.eval_x)}
 
     def criteria(self, out: dict) -> np.ndarray:
-        from minrr.detect import criteria
+        from minrr.hashing.detect import criteria
 
         return criteria(out["f"], out["f_t"], self.database, top_k=TOP)
 
     @cached_property
     def umcd(self) -> dict:
         """UMCD detectors at each FPR used, and per criteria subset at 5%."""
-        from minrr.detect import Detector
+        from minrr.hashing.detect import Detector
 
         calibration = self.criteria(self.benign["calibration"])
         detectors = {fpr: Detector(fpr=fpr, top_k=TOP).fit(calibration) for fpr in (0.05, *WHITEBOX_FPRS)}
@@ -214,7 +214,7 @@ class Run:
     @cached_property
     def baselines(self) -> dict:
         """Each baseline at 5% FPR, and MeanBlur at the white-box FPRs too."""
-        from minrr.detection_baselines import BaselineDetector, split_reference
+        from minrr.hashing.detection_baselines import BaselineDetector, split_reference
 
         out = self.benign["calibration"]
         reference, rest = split_reference(len(out["f"]), seed=self.exp.seed)
@@ -253,7 +253,7 @@ class Run:
     def retrieval(self, codes, labels, target_labels=None) -> dict:
         """mAP@all of codes against the database, and for targeted queries the t-mAP (relevant =
         the target class) and the success rate (most of the top 100 retrieved in the target class)."""
-        from minrr import hamming
+        from minrr.hashing import hamming
         from minrr.metrics.hashing import hamming_map
 
         result = {"map": float(hamming_map(codes, self.database, labels, self.train_y))}
@@ -266,7 +266,7 @@ class Run:
 
     def evaluate(self, adv_images: np.ndarray, *, target_labels=None) -> dict:
         """Table 1's detectors, Table 2's subsets, C2 values and retrieval of an attack."""
-        from minrr.detect import binarize
+        from minrr.hashing.detect import binarize
 
         benign = self.benign["evaluation"]
         adv = self.outputs(adv_images)
@@ -286,7 +286,7 @@ class Run:
 
     def whitebox(self, lambda1: float, lambda2: float) -> dict:
         """Table 4: UMCD and MeanBlur against the white-box attack towards DHTA's anchors."""
-        from minrr.detect import binarize
+        from minrr.hashing.detect import binarize
 
         n = self.sizes["whitebox_queries"]
         target_labels, anchors = self.targets
@@ -340,7 +340,7 @@ def gray_box(run: Run) -> dict:
 
 
 def benign_step(run: Run) -> dict:
-    from minrr.detect import binarize
+    from minrr.hashing.detect import binarize
 
     def compute():
         umcd = run.umcd["fpr"][0.05]

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from minrr import bounds
+from minrr.certify import bounds
 from minrr.cli.cluster import add_cluster_flags, check_cluster_flags
 from minrr.cli.flags import flag_message
 from minrr.io import load_npy

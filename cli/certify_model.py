@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minrr import bounds
+from minrr.certify import bounds
 from minrr.certify import CertifyResult, certify
 from minrr.cli.cluster import cluster, on_cluster
 from minrr.data.loaders import load_dataset

@@ -14,7 +14,7 @@ from minrr.io import load_npy, load_npz, read_json
 from minrr.options import C3_FORMS
 from minrr.options import CALIBRATION_METHODS as METHODS
 
-# UMCD and minrr.detection_baselines.DETECTORS: a copy, for --help, which must not import numba or scipy
+# UMCD and minrr.hashing.detection_baselines.DETECTORS: a copy, for --help, which must not import numba or scipy
 # (that module does); tests/test_detection_baselines.py checks that they are equal.
 DETECTOR_TYPES = ("umcd", "feature-squeezing", "fs-median", "fs-nlm", "fs-adaptive", "mean-blur", "lid")
 BASELINE_FORMAT = "minrr-baseline-detector"
@@ -23,7 +23,7 @@ OUTPUT_KEYS = ("f", "f_t")
 TSV_COLUMNS = ("idx", "c1", "c2", "c3", "score", "flag_c1", "flag_c2", "flag_c3", "flag")
 BASELINE_TSV_COLUMNS = ("idx", "s", "score", "flag")
 
-# Library argument names, as minrr.detect and minrr.distance_models messages start, and their flags.
+# Library argument names, as minrr.hashing.detect and minrr.hashing.distance_models messages start, and their flags.
 FLAGS = {"database": "--database", "top_k": "--top-k", "fpr": "--fpr", "n_classes": "--c1-model",
          "c1_confidence": "--c1-confidence", "detector": "--detector", "is_adversarial": "--labels-known",
          "k": "--lid-k", "size": "--lid-reference", "seed": "--seed", "images": "--data",
@@ -127,7 +127,7 @@ def _add_model_flags(parser) -> None:
 
 def _load_outputs(path, flag: str, keys=OUTPUT_KEYS) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (``f`` first) of an archive of outputs, checked under the flag's name."""
-    from minrr import detect
+    from minrr.hashing import detect
 
     arrays = load_npz(path, name=flag)
     missing = [key for key in keys if key not in arrays]
@@ -181,7 +181,7 @@ def _images(source, model, flag: str) -> np.ndarray:
 
 def _query_outputs(args, flag: str, detector_type: str, model) -> dict[str, np.ndarray]:
     """What the detector reads of the queries: from the archive ``flag``, or from --data through --model."""
-    from minrr.detection_baselines import transformed_outputs
+    from minrr.hashing.detection_baselines import transformed_outputs
 
     keys = ("f", *transformed_outputs(detector_type))
     if args.data is None:
@@ -214,7 +214,7 @@ def _sha256(path) -> str:
 
 
 def run_calibrate(args) -> int:
-    from minrr import detect, distance_models
+    from minrr.hashing import detect, distance_models
 
     files = Files.of(args, inputs=["--benign", "--database", "--model", "--data", "--database-data"],
                      outputs=["--out"])
@@ -282,8 +282,8 @@ def _calibration_database(args, model) -> tuple[np.ndarray, dict]:
 
 
 def _calibrate_baseline(args, files) -> int:
-    """:func:`run_calibrate` for a baseline of minrr.detection_baselines."""
-    from minrr import detection_baselines as baselines
+    """:func:`run_calibrate` for a baseline of minrr.hashing.detection_baselines."""
+    from minrr.hashing import detection_baselines as baselines
 
     name = args.detector_type
     try:
@@ -351,7 +351,7 @@ def _format(value) -> str:
 
 
 def run_score(args) -> int:
-    from minrr import detect
+    from minrr.hashing import detect
     from minrr.metrics.detection import check_adversarial_labels
 
     files = Files.of(args, inputs=["--detector", "--inputs", "--database", "--labels-known", "--model", "--data",
@@ -407,7 +407,7 @@ def run_score(args) -> int:
 
 def _score_baseline(args, files, document) -> int:
     """:func:`run_score` for a baseline detector (``minrr-baseline-detector``)."""
-    from minrr.detection_baselines import BaselineDetector
+    from minrr.hashing.detection_baselines import BaselineDetector
     from minrr.metrics.detection import check_adversarial_labels
 
     try:

@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--detector", metavar="NAME",
                    help="hashing models: write an .npz archive of the outputs the detector NAME reads: umcd (for "
                         "minrr detect): f on the images and f_t on their 3 x 3 mean-blurred copies; or a baseline of "
-                        "minrr.detection_baselines (feature-squeezing, fs-median, fs-nlm, fs-adaptive, mean-blur, lid): "
+                        "minrr.hashing.detection_baselines (feature-squeezing, fs-median, fs-nlm, fs-adaptive, mean-blur, lid): "
                         "f and its transformed outputs (f_median, ...)")
     p.add_argument("--batch-size", type=int,
                    help=f"images (noisy copies with --sigma) per forward pass (default: 256; {NOISY_BATCH} with "

@@ -10,7 +10,7 @@ from minrr.cli.cluster import add_cluster_flags, check_cluster_flags, cluster, o
 from minrr.cli.outputs import Files
 from minrr.io import load_npy
 
-# Library argument names (minrr.hamming, minrr.labels) that are not a flag's dest.
+# Library argument names (minrr.hashing.hamming, minrr.labels) that are not a flag's dest.
 FLAGS = {"k": "--top-k", "query_labels": "--labels"}
 
 
@@ -68,7 +68,7 @@ class ShardedCodes:
 
 def _search(args, database, queries):
     """Top-k of the queries: one file in this process, or a folder of shards (locally or on Dask)."""
-    from minrr import hamming
+    from minrr.hashing import hamming
 
     if not isinstance(database, ShardedCodes):
         return hamming.search(queries, database, args.top_k, packed=args.packed, progress=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import cholesky, eigh
 
-from .smoothing import EstimateAccumulator, SmoothedEstimate
+from .certify.smoothing import EstimateAccumulator, SmoothedEstimate
 
 __all__ = ["LinearEmbedding", "fit_lda"]
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from minrr import bounds
+from minrr.certify import bounds
 from minrr.certify import error_bound
-from minrr.smoothing import from_samples
+from minrr.certify.smoothing import from_samples
 
 TRIALS = 2000
 N = 200

@@ -5,11 +5,11 @@ import pytest
 from scipy.special import ndtri
 from scipy.stats import binom
 
-from minrr import bounds
+from minrr.certify import bounds
 from minrr.certify import certified_recall, certify, error_bound, summarize
 from minrr.lda import fit_lda
-from minrr.margin import margins
-from minrr.smoothing import from_means, from_samples
+from minrr.certify.margin import margins
+from minrr.certify.smoothing import from_means, from_samples
 
 E1, E2 = np.eye(3)[0], np.eye(3)[1]
 AXIS = (E1 - E2) / np.sqrt(2)

@@ -13,7 +13,7 @@ from minrr.backends.checkpoint import load_checkpoint  # noqa: E402
 from minrr.cli.attack import ATTACK_NAMES, fraction  # noqa: E402
 from minrr.cli.main import main  # noqa: E402
 from minrr.data.loaders import load_dataset  # noqa: E402
-from minrr.transforms import mean_blur  # noqa: E402
+from minrr.hashing.transforms import mean_blur  # noqa: E402
 
 FAST = ["--eps", "0.1", "--alpha", "1/100", "--steps", "4"]
 

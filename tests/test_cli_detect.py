@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from minrr import detect
+from minrr.hashing import detect
 from minrr.cli.main import main
 
 K, CLASSES = 32, 4

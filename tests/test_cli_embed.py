@@ -19,9 +19,9 @@ if importlib.util.find_spec("torch") is None and not os.environ.get("CI"):
 from minrr.backends import get_backend  # noqa: E402
 from minrr.backends.checkpoint import load_checkpoint  # noqa: E402
 from minrr.certify import certify, certify_model  # noqa: E402
-from minrr.detect import Detector, binarize  # noqa: E402
-from minrr.detection_baselines import DETECTORS, INPUTS  # noqa: E402
-from minrr.transforms import mean_blur, median_filter  # noqa: E402
+from minrr.hashing.detect import Detector, binarize  # noqa: E402
+from minrr.hashing.detection_baselines import DETECTORS, INPUTS  # noqa: E402
+from minrr.hashing.transforms import mean_blur, median_filter  # noqa: E402
 
 CPU = get_backend("torch", device="cpu")
 SMALL = ["--width", "4", "--epochs", "1", "--batch-size", "64", "--device", "cpu"]

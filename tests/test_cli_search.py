@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from minrr import hamming
+from minrr.hashing import hamming
 from minrr.cli.main import main
 from minrr.metrics.hashing import map_at_k
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minrr import detect, distance_models, hamming
-from minrr.detect import Detector
+from minrr.hashing import detect, distance_models, hamming
+from minrr.hashing.detect import Detector
 
 ORIENT = np.array([1, -1, 1])  # larger is more suspicious after this sign
 

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minrr import detection_baselines as B
-from minrr import transforms as T
+from minrr.hashing import detection_baselines as B
+from minrr.hashing import transforms as T
 from minrr.backends.detection import database_codes, detector_outputs
 from minrr.cli import detect as cli_detect
 from minrr.cli.main import main
-from minrr.detection_baselines import BaselineDetector
+from minrr.hashing.detection_baselines import BaselineDetector
 
 # A 2 x 2 image of 8-bit values and a linear "model" f(x) = W vec(x) (K = 2), so that every
 # squeezed output is computable by hand:
@@ -406,7 +406,7 @@ def test_cli_baseline_from_a_model_agrees_with_the_library(model_files, tiny_mod
 
 @pytest.mark.skipif(torch_missing, reason="torch is not installed (CI requires it)")
 def test_cli_umcd_from_a_model_and_database_images(model_files, tiny_model, tmp_path, capsys):
-    from minrr import detect
+    from minrr.hashing import detect
 
     detector_path, tsv = tmp_path / "umcd.json", tmp_path / "flags.tsv"
     assert cli_calibrate(model_files, detector_path, "--database-data", str(model_files / "database.npz"),

@@ -6,9 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
 
-from minrr import distance_models as dm
-from minrr.detect import THREE_SIGMA
-from minrr.hash_centers import hash_centers
+from minrr.hashing import distance_models as dm
+from minrr.hashing.detect import THREE_SIGMA
+from minrr.hashing.hash_centers import hash_centers
 
 TRIALS = 2000
 # Dvoretzky-Kiefer-Wolfowitz: sup |F_n - F| exceeds this with probability below 1e-6.

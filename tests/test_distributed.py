@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("dask.distributed")
 
-from minrr import hamming  # noqa: E402
+from minrr.hashing import hamming  # noqa: E402
 from minrr.backends import distributed  # noqa: E402
 from minrr.io import shard_paths  # noqa: E402
 

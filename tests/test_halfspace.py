@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from scipy.special import ndtr, ndtri
 from scipy.stats import binom
 
-from minrr import bounds
+from minrr.certify import bounds
 from minrr.certify import certify
-from minrr.halfspace import halfspace_radii, ndtri as fast_ndtri, pair_radius
+from minrr.certify.halfspace import halfspace_radii, ndtri as fast_ndtri, pair_radius
 from minrr.labels import relevance
-from minrr.radius import certified_radius
+from minrr.certify.radius import certified_radius
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -254,7 +254,7 @@ def test_coverage_at_small_alpha(bound):
     allowance = binom.ppf(1 - 1e-6, trials, alpha)
     assert np.sum(result.radius > truth) <= allowance
     from minrr.certify import error_bound
-    from minrr.smoothing import from_samples
+    from minrr.certify.smoothing import from_samples
 
     est = from_samples(draws)
     half = halfspace_radii(est.mean, error_bound(est, bound, alpha, 1.0) / 2, gallery, np.zeros(trials, int), labels,
@@ -288,8 +288,8 @@ def test_screened_runs_and_threads_match_the_oracle(monkeypatch, k, candidates, 
     """A gallery of several screened runs (SCREEN_RUN items) and chunks, with exact duplicates and a query on a
     pair's bisector, its query blocks on threads: float64 equals the oracle, float32 never exceeds it, and the
     threads change nothing."""
-    import minrr.margin as margin_module
-    from minrr.halfspace import SCREEN_RUN
+    import minrr.certify.margin as margin_module
+    from minrr.certify.halfspace import SCREEN_RUN
 
     rng = np.random.default_rng(11)
     m = 3 * SCREEN_RUN + 17
@@ -341,9 +341,9 @@ def test_float32_rounding_is_taken_off_near_ties_in_high_dimension(apart):
 
 
 def test_run_screen_counts_the_distances_within_the_limit_ties_included():
-    """The SIMD screen of a run of items (:func:`minrr.halfspace._count_within`) against a float64 count of the
+    """The SIMD screen of a run of items (:func:`minrr.certify.halfspace._count_within`) against a float64 count of the
     same squared distances, with the limit set exactly on some of them and one ulp off."""
-    from minrr.halfspace import SCREEN_RUN, _count_within
+    from minrr.certify.halfspace import SCREEN_RUN, _count_within
 
     rng = np.random.default_rng(2)
     dots = rng.normal(size=SCREEN_RUN).astype(np.float32)

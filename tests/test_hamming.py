@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minrr import hamming
+from minrr.hashing import hamming
 
 LENGTHS = st.one_of(st.integers(1, 200), st.sampled_from([8, 63, 64, 65, 127, 128, 192, 256]))
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minrr.hash_centers import hash_centers, is_hadamard_case, mean_distance, minimum_distance
+from minrr.hashing.hash_centers import hash_centers, is_hadamard_case, mean_distance, minimum_distance
 
 
 def _hamming_by_bits(codes):

@@ -12,8 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from minrr import detect  # noqa: E402
-from minrr import transforms  # noqa: E402
+from minrr.hashing import detect  # noqa: E402
+from minrr.hashing import transforms  # noqa: E402
 from minrr.backends import hashing_attacks as H  # noqa: E402
 from minrr.backends.attacks import pgd  # noqa: E402
 from minrr.backends.models import ModelSpec, build_model  # noqa: E402
@@ -113,7 +113,7 @@ def test_cw_lowers_map_and_succeeds_on_the_relaxed_code(setup):
 
 
 def _detector_view(setup, images):
-    """(f, f_t) on images, with the NumPy transform of minrr.detect's users."""
+    """(f, f_t) on images, with the NumPy transform of minrr.hashing.detect's users."""
     with torch.no_grad():
         f = setup["model"](images).double().numpy()
         f_t = setup["model"](torch.as_tensor(transforms.mean_blur(images.numpy()))).double().numpy()

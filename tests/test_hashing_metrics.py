@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minrr import hamming
+from minrr.hashing import hamming
 from minrr.metrics import hashing
 
 

@@ -7,12 +7,12 @@ import sys
 def test_core_numpy_backend_and_cli_import_no_optional_framework():
     code = (
         "import sys, numpy as np\n"
-        "import minrr, minrr.certify, minrr.bounds, minrr.margin, minrr.radius, minrr.smoothing\n"
-        "import minrr.bundled, minrr.lda, minrr.hamming, minrr.detect, minrr.transforms\n"
-        "import minrr.distance_models, minrr.hash_centers, minrr.scores, minrr.data.loaders\n"
+        "import minrr, minrr.certify, minrr.certify.bounds, minrr.certify.margin, minrr.certify.radius, minrr.certify.smoothing\n"
+        "import minrr.bundled, minrr.lda, minrr.hashing.hamming, minrr.hashing.detect, minrr.hashing.transforms\n"
+        "import minrr.hashing.distance_models, minrr.hashing.hash_centers, minrr.scores, minrr.data.loaders\n"
         "import minrr.metrics.hashing, minrr.metrics.retrieval, minrr.metrics.clustering\n"
         "import minrr.metrics.detection, minrr.backends, minrr.backends.base, minrr.backends.numpy_backend\n"
-        "import minrr.halfspace, minrr.collapse, minrr.detection_baselines, minrr.options, minrr.progress\n"
+        "import minrr.certify.halfspace, minrr.collapse, minrr.hashing.detection_baselines, minrr.options, minrr.progress\n"
         "import minrr.metrics.report, minrr.io, minrr.labels\n"
         "import minrr.cli.main\n"
         "minrr.cli.main.build_parser()\n"

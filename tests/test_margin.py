@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minrr.labels import relevance
-from minrr.margin import margins
+from minrr.certify.margin import margins
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -145,7 +145,7 @@ def test_threaded_blocks_match_oracle_and_the_serial_run(monkeypatch, k, multi, 
     """Query blocks on threads (both the grouped and the entry-by-entry reduction): the float64 margins equal the
     oracle, ties included, the float32 floor stays below the exact margin, and the results do not depend on the
     threads."""
-    import minrr.margin as margin_module
+    import minrr.certify.margin as margin_module
 
     rng = np.random.default_rng(7)
     queries, gallery, q_labels, g_labels = _problem(rng, 37, 300, 5, 4, multi, True)
@@ -166,7 +166,7 @@ def test_threaded_blocks_match_oracle_and_the_serial_run(monkeypatch, k, multi, 
 
 
 def test_query_blocks_cover_the_queries_evenly(monkeypatch):
-    import minrr.margin as margin_module
+    import minrr.certify.margin as margin_module
 
     monkeypatch.setattr(margin_module.numba, "get_num_threads", lambda: 2)
     for n, m, size in [(10_000, 60_000, 1024), (37, 300, 6), (5, 10**6, 1024), (1, 10**7, 3), (7, 2, 3)]:
@@ -181,7 +181,7 @@ def test_query_blocks_cover_the_queries_evenly(monkeypatch):
 
 @pytest.mark.parametrize("dtype, factor", [(np.float32, 1.0), (np.float32, 1e-7), (np.float64, 1e6), (np.int64, 3.0)])
 def test_scale_and_norms_read_the_gallery_once_with_the_same_result(dtype, factor):
-    from minrr.margin import embedding_scale, max_norm, scale_and_norms, squared_norms
+    from minrr.certify.margin import embedding_scale, max_norm, scale_and_norms, squared_norms
 
     rng = np.random.default_rng(3)
     queries = rng.normal(size=(20, 6)) * factor
@@ -196,7 +196,7 @@ def test_an_error_in_a_block_stops_the_blocks_not_yet_started():
     import threading
     import time
 
-    from minrr.margin import in_threads
+    from minrr.certify.margin import in_threads
 
     ran = []
     lock = threading.Lock()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minrr.data import fashion_mnist_subset
-from minrr.hash_centers import hash_centers, is_hadamard_case, multilabel_centers
+from minrr.hashing.hash_centers import hash_centers, is_hadamard_case, multilabel_centers
 from minrr.metrics.retrieval import recall_at_k
 
 if importlib.util.find_spec("torch") is None and not os.environ.get("CI"):

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import minrr.margin
+import minrr.certify.margin
 from minrr.labels import relevance
 from minrr.metrics import retrieval
 from minrr.metrics.clustering import kmeans, kmeans_nmi, normalized_mutual_info
@@ -509,7 +509,7 @@ def test_worker_threads_and_blocks_do_not_change_results(monkeypatch):
     labels = rng.integers(0, 40, 1100)
     ranks, (ap, ap_r) = first_relevant_rank(emb, labels, exclude="nearest"), average_precision(emb, labels,
                                                                                                exclude="nearest")
-    monkeypatch.setattr(minrr.margin, "THREADS_FROM", np.inf)
+    monkeypatch.setattr(minrr.certify.margin, "THREADS_FROM", np.inf)
     kw = {"exclude": "nearest", "block_bytes": 40_000}
     np.testing.assert_array_equal(first_relevant_rank(emb, labels, **kw), ranks)
     np.testing.assert_array_equal(average_precision(emb, labels, **kw)[0], ap)

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.special import ndtr
 
-from minrr.margin import margins
-from minrr.radius import certified_radius, lipschitz_bound
+from minrr.certify.margin import margins
+from minrr.certify.radius import certified_radius, lipschitz_bound
 
 seeds = st.integers(0, 2**32 - 1)
 

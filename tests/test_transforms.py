@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from minrr import transforms as T
+from minrr.hashing import transforms as T
 
 shapes = st.sampled_from([(2, 5, 6), (1, 3, 7, 5), (2, 1, 4, 4)])
 

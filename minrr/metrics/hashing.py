@@ -1,7 +1,7 @@
 """Retrieval metrics of Hamming rankings, in the conventions of deep-hashing papers.
 
 A ranking is ``retrieved``: ``(n_queries, k)`` database indices, best first, as returned
-by :func:`minrr.hamming.search`. A database item is relevant to a query when their labels
+by :func:`minrr.hashing.hamming.search`. A database item is relevant to a query when their labels
 are the same (single-label ``(n,)`` integers) or share a class (multi-hot ``(n, C)``).
 
 mAP@k (DeepHash-pytorch / CSQ): in the top k, ``AP = (1 / R_k) sum_j precision@j`` over the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from minrr import hamming
+from minrr.hashing import hamming
 from minrr.labels import check_label_pair, check_labels, label_keys, same_label
 
 __all__ = [
@@ -180,16 +180,16 @@ def hamming_map(query_codes, database_codes, query_labels, database_labels, k: i
     Unpacked codes are packed once; queries are then ranked in batches of about
     ``2**22 / k``, so memory stays bounded whatever the number of queries.
 
-    Queries come first, as in :func:`minrr.hamming.search` (and ``faiss.knn(xq, xb, k)``).
+    Queries come first, as in :func:`minrr.hashing.hamming.search` (and ``faiss.knn(xq, xb, k)``).
 
     Parameters
     ----------
-    query_codes : (n_queries, K) codes, or packed (see :mod:`minrr.hamming`)
+    query_codes : (n_queries, K) codes, or packed (see :mod:`minrr.hashing.hamming`)
     database_codes : (N, K) codes in the same layout
     query_labels : (n_queries,) int or (n_queries, C) multi-hot
     database_labels : (N,) int or (N, C) multi-hot
     k : int or None
-    packed, variant : as in :func:`minrr.hamming.search` and :func:`map_at_k`
+    packed, variant : as in :func:`minrr.hashing.hamming.search` and :func:`map_at_k`
 
     Returns
     -------

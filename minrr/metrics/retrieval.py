@@ -43,7 +43,7 @@ bound of the nearest, with exact distances. Then one float32 GEMM per (query
 block, gallery chunk) gives ``score = q.e - |e|^2 / 2``, and for each kept m
 an item whose score lies beyond ``d_m`` by more than E, a bound on the
 rounding of the GEMM, the casts and the float64 sums
-(:func:`minrr.margin.distance_allowance`, Higham's gamma), is certainly
+(:func:`minrr.certify.margin.distance_allowance`, Higham's gamma), is certainly
 before or after m; only an item within E of ``d_m`` (a near-tie) has its
 distance compared, vectorised, then exactly (with the index) when even that
 cannot tell. Queries with few relevant items count each one's items by a
@@ -78,7 +78,7 @@ import numpy as np
 
 from minrr.io import as_float_array
 from minrr.labels import check_label_pair, check_labels, label_keys, same_label
-from minrr.margin import (cast_error, distance_allowance, embedding_scale, gamma, in_threads, load_rows, max_norm,
+from minrr.certify.margin import (cast_error, distance_allowance, embedding_scale, gamma, in_threads, load_rows, max_norm,
                           squared_norms, thread_count)
 
 __all__ = [
@@ -531,8 +531,8 @@ def _rounding_allowance(q_norm: np.ndarray, g_norm_max: float, dim: int, dtype, 
     divided by ``scale`` and cast to ``dtype`` (norms ``q_norm``,
     ``g_norm_max`` of the scaled embeddings), and ``d`` the exact float64
     distance of the unscaled ones. Terms: the GEMM's rounding and underflow
-    (:func:`minrr.margin.distance_allowance`, augmented form), the cast of the
-    embeddings (:func:`minrr.margin.cast_error`), and the float64 rounding of
+    (:func:`minrr.certify.margin.distance_allowance`, augmented form), the cast of the
+    embeddings (:func:`minrr.certify.margin.cast_error`), and the float64 rounding of
     ``d``, of the squared norms and of the thresholds.
     """
     reach = q_norm + g_norm_max  # bounds |q| + |e|, and |q - e|

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .progress import progress_bar
+from ..progress import progress_bar
 
 __all__ = ["pack", "unpack", "from_packbits", "to_packbits", "hamming_distances", "search", "rank"]
 

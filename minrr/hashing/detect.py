@@ -30,10 +30,10 @@ from scipy import special
 
 from . import hamming
 from .distance_models import HammingDistanceModel
-from .io import (as_float_array, check_document, check_json_fingerprint, check_probability, json_fingerprint,
+from ..io import (as_float_array, check_document, check_json_fingerprint, check_probability, json_fingerprint,
                  parse_json)
-from .metrics.detection import check_adversarial_labels, detection_rates, roc_auc
-from .options import C3_FORMS, CALIBRATION_METHODS
+from ..metrics.detection import check_adversarial_labels, detection_rates, roc_auc
+from ..options import C3_FORMS, CALIBRATION_METHODS
 
 __all__ = ["CRITERIA", "C3_FORMS", "METHODS", "THREE_SIGMA", "binarize", "check_outputs",
            "hamming_criterion", "quantization_criterion", "inconsistency_criterion", "criteria",
@@ -221,7 +221,7 @@ class Detector:
 
     top_k : k of C1 (default 100).
     c3 : form of C3, one of :data:`C3_FORMS` (default ``"soft"``).
-    c1_model : optional :class:`~minrr.distance_models.HammingDistanceModel` (e.g.
+    c1_model : optional :class:`~minrr.hashing.distance_models.HammingDistanceModel` (e.g.
         ``distance_models.untargeted(K, C)``, Theorem 1) that fixes T1 to the lower end of its
         central interval at ``c1_confidence`` instead of calibrating it. Its false positives
         on the benign calibration queries are spent from the budget first (an error if they

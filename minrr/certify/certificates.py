@@ -8,12 +8,12 @@ radius 0 (the analogue of Cohen et al.'s abstain).
 
 Certificates (``certificate=``), both on the same event ``||g_hat - g|| <= eps``:
 
-* ``"halfspace"`` (default, :mod:`minrr.halfspace`): one linear condition per
+* ``"halfspace"`` (default, :mod:`minrr.certify.halfspace`): one linear condition per
   pair of a relevant and a non-relevant gallery item, each with its own
   radius; never smaller than RetrievalGuard's (REFERENCE section 1b), and
   the larger of the two is reported, so rounding cannot make it lose.
 * ``"retrievalguard"``: the margin lower bound ``d_low`` turned into a radius
-  by the Lipschitz bound of g (:mod:`minrr.radius`). With ``bound="paper"``
+  by the Lipschitz bound of g (:mod:`minrr.certify.radius`). With ``bound="paper"``
   this is the paper's certificate.
 
 Gallery kinds:
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import bounds
-from .io import check_positive, check_probability
-from .labels import check_label_pair, check_labels
+from ..io import check_positive, check_probability
+from ..labels import check_label_pair, check_labels
 from .halfspace import halfspace_radii
 from .margin import margins
-from .options import CERTIFICATES, DEFAULT_CANDIDATES
+from ..options import CERTIFICATES, DEFAULT_CANDIDATES
 from .radius import certified_radius
 from .smoothing import SmoothedEstimate, from_means, from_samples
 
@@ -136,7 +136,7 @@ def error_bound(est: SmoothedEstimate, bound: str, delta: float, f: float) -> np
     for items whose draws all had one norm (exact for a normalising model,
     valid for any), by Maurer and Pontil's bound otherwise, and falls back to
     ``bernstein`` (v = F^2) when only means are known.
-    ``paper`` is not a per-item bound; see :func:`minrr.bounds.paper_eps`.
+    ``paper`` is not a per-item bound; see :func:`minrr.certify.bounds.paper_eps`.
     """
     if bound not in bounds.BOUNDS or bound == "paper":
         raise ValueError(f"bound: expected one of {', '.join(bounds.BOUNDS[:-1])}, got {bound!r}")
@@ -176,11 +176,11 @@ def certify(queries, query_labels, *, sigma: float, gallery=None, gallery_labels
     norm_bound : F with ``||h|| <= F``; may be omitted when every sample has
         norm 1 within 1e-4.
     alpha : failure probability of each certificate.
-    bound : one of :data:`minrr.bounds.BOUNDS`; the default is the tightest valid one.
+    bound : one of :data:`minrr.certify.bounds.BOUNDS`; the default is the tightest valid one.
     top_k : certify Recall@k instead of Recall@1.
-    radius_form : "phi" (default) or "linear", see :func:`minrr.radius.certified_radius`
+    radius_form : "phi" (default) or "linear", see :func:`minrr.certify.radius.certified_radius`
         (RetrievalGuard's radius; the halfspace radius always uses Phi^-1).
-    precision : GEMM precision of the margins, see :func:`minrr.margin.margins`.
+    precision : GEMM precision of the margins, see :func:`minrr.certify.margin.margins`.
     certificate : "halfspace" (default) or "retrievalguard", see the module docstring.
     candidates : halfspace only: how many of the nearest relevant items are tried as e+.
     """

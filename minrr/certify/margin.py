@@ -31,7 +31,7 @@ taken off. Embeddings whose largest norm lies outside :data:`SAFE_NORMS` are
 first divided by a power of two (:func:`embedding_scale`), so that float32
 neither underflows nor overflows. Ties for ``nearest`` go to the smaller
 index. The blocked loading, the state and the rounding allowances are shared
-with :mod:`minrr.halfspace`.
+with :mod:`minrr.certify.halfspace`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .labels import check_label_pair, check_labels, label_keys, same_label
+from ..labels import check_label_pair, check_labels, label_keys, same_label
 
 __all__ = ["Margins", "margins"]
 
@@ -96,7 +96,7 @@ def fold_distance(r, j, s, relevant, with_slack, slack_j, e_sq, same_sq, same_id
     ``sqrt(s + E) + slack_j`` (relevant, minimum in ``same_hi``) and
     ``sqrt(max(0, s - E)) - slack_j`` (non-relevant, k smallest in
     ``other_lo``) are tracked too, ``E`` (``e_sq``) being the rounding
-    allowance of ``s``. Shared with :mod:`minrr.halfspace`.
+    allowance of ``s``. Shared with :mod:`minrr.certify.halfspace`.
     """
     k = other_sq.shape[1]
     if relevant:

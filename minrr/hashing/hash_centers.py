@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import hadamard
 
-from .labels import check_labels
+from ..labels import check_labels
 
 __all__ = ["hash_centers", "multilabel_centers", "is_hadamard_case", "minimum_distance", "mean_distance",
            "MAX_DRAWS"]

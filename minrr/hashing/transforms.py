@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from scipy import ndimage
 
-from .io import as_float_array
+from ..io import as_float_array
 
 __all__ = ["mean_blur", "median_filter", "bit_depth", "non_local_means", "image_entropy", "fs_adaptive",
            "TRANSFORMS"]
@@ -235,4 +235,4 @@ def fs_adaptive(x, radius: int = 3) -> np.ndarray:
 
 TRANSFORMS = {"mean-blur": mean_blur, "median": median_filter, "bit-depth": bit_depth,
               "non-local-means": non_local_means, "fs-adaptive": fs_adaptive}
-"""The transforms by name, each with its defaults (the names of ``minrr.detection_baselines.OUTPUT_TRANSFORMS``)."""
+"""The transforms by name, each with its defaults (the names of ``minrr.hashing.detection_baselines.OUTPUT_TRANSFORMS``)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erfinv, ndtr
 
-from .options import RADIUS_FORMS
+from ..options import RADIUS_FORMS
 
 __all__ = ["RADIUS_FORMS", "certified_radius", "lipschitz_bound"]
 

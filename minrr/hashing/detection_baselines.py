@@ -12,7 +12,7 @@ score s(x), large = suspicious:
 ``fs-median``, ``fs-nlm``
     one squeezer alone (UMCD's FS-Median and FS-NLM rows). Reads f_median or f_nlm.
 ``fs-adaptive``
-    ||f(x) - f(t(x))||_1, t = :func:`~minrr.transforms.fs_adaptive` (Liang et al., TDSC
+    ||f(x) - f(t(x))||_1, t = :func:`~minrr.hashing.transforms.fs_adaptive` (Liang et al., TDSC
     2018). Reads f_fs_adaptive.
 ``mean-blur``
     ||f(x) - f(t(x))||_1, t = the 3 x 3 mean blur (Li and Li, ICCV 2017), UMCD's own t, so
@@ -40,7 +40,7 @@ batch is stored in the detector.
 
 Calibration. :class:`BaselineDetector` thresholds s at the (1 - fpr) quantile of n benign
 calibration scores, T = their (n - a)-th smallest with a = floor(n fpr), and flags s(x) > T
-(:func:`minrr.detect.benign_threshold`, the rule of UMCD's per-criterion thresholds): the
+(:func:`minrr.hashing.detect.benign_threshold`, the rule of UMCD's per-criterion thresholds): the
 calibration set's false-positive rate is exactly a / n when no benign score ties T, and
 never above.
 """
@@ -54,16 +54,16 @@ from scipy.spatial.distance import cdist
 
 from . import transforms
 from .detect import allowed_false_positives, benign_threshold
-from .io import (as_float_array, check_document, check_json_fingerprint, check_probability, json_fingerprint,
+from ..io import (as_float_array, check_document, check_json_fingerprint, check_probability, json_fingerprint,
                  parse_json)
-from .metrics.detection import check_adversarial_labels, detection_rates, roc_auc
+from ..metrics.detection import check_adversarial_labels, detection_rates, roc_auc
 
 __all__ = ["OUTPUT_TRANSFORMS", "INPUTS", "DETECTORS", "LID_K", "LID_REFERENCE_SIZE", "transformed_outputs",
            "squeeze", "l1_change", "squeezing_score", "lid", "split_reference", "check_statistic", "BaselineDetector"]
 
 OUTPUT_TRANSFORMS = {"f_t": "mean-blur", "f_bit_depth": "bit-depth", "f_median": "median",
                      "f_nlm": "non-local-means", "f_fs_adaptive": "fs-adaptive"}
-"""Output key -> the name in :data:`minrr.transforms.TRANSFORMS` of the transform t whose outputs
+"""Output key -> the name in :data:`minrr.hashing.transforms.TRANSFORMS` of the transform t whose outputs
 f(t(x)) it holds, with that function's defaults: 3 x 3 mean blur, 5 bits, 2 x 2 median,
 non-local means 13-3-2, FS-Adaptive of radius 3."""
 
@@ -274,7 +274,7 @@ class BaselineDetector:
     def score(self, scores) -> np.ndarray:
         """Rank-normalised suspiciousness r(x) / n in [0, 1], r(x) = #{benign j : s_j < s(x)}: ``(n,)``.
 
-        On the scale of :meth:`minrr.detect.Detector.score`; ``predict(scores)`` equals
+        On the scale of :meth:`minrr.hashing.detect.Detector.score`; ``predict(scores)`` equals
         ``score(scores) >= (n - floor(n fpr)) / n``.
         """
         self._check_fitted()
@@ -287,7 +287,7 @@ class BaselineDetector:
 
     def report(self, scores, is_adversarial) -> dict[str, dict[str, float]]:
         """TPR, miss rate (FNR), FPR and AUC on queries of known kind, in one row named after
-        the detector (the ``combined`` row of :meth:`minrr.detect.Detector.report` for UMCD).
+        the detector (the ``combined`` row of :meth:`minrr.hashing.detect.Detector.report` for UMCD).
 
         AUC is that of the score s itself (exact, ties counted half); NaN unless both kinds of
         query are present.

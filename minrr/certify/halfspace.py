@@ -23,7 +23,7 @@ Cost: one GEMM of the queries with the gallery, blocked over the gallery
 (so memory does not depend on its size) and reduced while each block is in
 cache; ``||e- - e+||`` needs ``e+.e-`` only for the pairs that pass the
 screens below, so it is a dot product per such pair, not a second GEMM.
-The RetrievalGuard margins of :mod:`minrr.margin` come out of the same pass.
+The RetrievalGuard margins of :mod:`minrr.certify.margin` come out of the same pass.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .labels import label_keys, same_label
+from ..labels import label_keys, same_label
 from .margin import (GALLERY_CHUNK, QUERY_BLOCK, BlockState, Margins, cast_error, check_inputs, distance_allowance,
                      fold_distance, gamma, in_threads, load_rows, query_blocks, scale_and_norms, thread_count,
                      underflow_allowance)
@@ -54,7 +54,7 @@ class HalfspaceRadii:
 
     radius : certified l2 radius (0 = not certified, inf = no perturbation changes Recall@k).
     positive : the relevant item e+ that gave the radius (-1 when none certified).
-    margins : RetrievalGuard's margins from the same pass (see :func:`minrr.margin.margins`,
+    margins : RetrievalGuard's margins from the same pass (see :func:`minrr.certify.margin.margins`,
         with the gallery errors as ``gallery_slack``).
     """
 
@@ -294,12 +294,12 @@ def _fold_pair(r, c, col, dot_qe, dot_pe, q_sq, q_norm, eps_q, cand_sq, cand_nor
 def _candidates(queries, gallery, g_sq, q_labels, g_labels, scale, dtype, count, exclude_self, query_block,
                 gallery_chunk):
     """(N, count) indices of each query's nearest relevant items (-1 where fewer exist); ``g_sq`` are the
-    gallery's :func:`~minrr.margin.squared_norms`.
+    gallery's :func:`~minrr.certify.margin.squared_norms`.
 
     Single labels visit only each label's own items (a product of about
     ``N M / classes`` entries): queries are taken in label order, one label
     per block. Multi-hot labels go over the whole gallery. Blocks run on
-    threads (:func:`minrr.margin.in_threads`).
+    threads (:func:`minrr.certify.margin.in_threads`).
     """
     n, m = len(queries), len(gallery)
     best_sq = np.full((n, count), np.inf)
