@@ -115,7 +115,7 @@ def bench_map(n_database, n_queries, repeats, rng):
 
 
 FIRST_CALL = (
-    "import time; t = time.perf_counter(); import numpy as np; from minrr import hamming; "
+    "import time; t = time.perf_counter(); import numpy as np; from minrr.hashing import hamming; "
     "c = np.ones((1000, 64), np.int8); hamming.search(c[:5], c, 10); hamming.search(c[:1], c, 10); "
     "print(time.perf_counter() - t)"
 )
