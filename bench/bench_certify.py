@@ -40,6 +40,7 @@ from minrr.lda import fit_lda
 from minrr.certify.smoothing import from_means
 
 from machine import describe
+from timing import best_of
 
 CANDIDATES = (1, 2, 3, 5)
 GAIN_CANDIDATES = (1, 2, 3, 5, 10)
@@ -64,22 +65,13 @@ def _certify(problem, **options):
                    **options)
 
 
-def _best(run, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def _gemm(a, b, repeats):
     def run():
         product = a @ b.T
         del product
 
     run()  # warm-up: BLAS threads started, pages touched
-    return _best(run, repeats)
+    return best_of(run, repeats)
 
 
 def bench_speed(n_queries, n_gallery, dim, repeats):
@@ -93,7 +85,7 @@ def bench_speed(n_queries, n_gallery, dim, repeats):
     small = _problem(50, 500, dim)
     for _, options in configs:
         _certify(small, **options)  # compile / load the cached kernels
-    seconds = {name: _best(lambda: _certify(problem, **options), repeats) for name, options in configs}
+    seconds = {name: best_of(lambda: _certify(problem, **options), repeats) for name, options in configs}
     time.sleep(2.0)  # let the Numba workers go idle before the check
     gemm_last = _gemm(a, b, repeats)
     return gemm_first, gemm_last, seconds

@@ -1,6 +1,7 @@
 """Overhead of the Dask path against one process at the same total thread count (issue 11).
 
-Three jobs, each timed both ways, alternating, best of ``--rounds``:
+Three jobs, each way timed in its own loop (after a warm-up; certify: the first of its rounds),
+best of ``--rounds``:
 
 * ``certify --model``: a small CNN (``minrr train``'s default, width 32) certifying ``--queries``
   Fashion-MNIST test images with ``--samples`` noisy copies each. One process with torch on
@@ -26,14 +27,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from machine import describe
+from timing import own_loops
 
 
 def _quiet(function, *args):
@@ -59,27 +61,20 @@ def bench_certify(root: Path, queries: int, samples: int, rounds: int) -> dict:
     with connect(workers=2) as client:
         ways = {"one process": [], "dask workers": ["--workers", "2", "--chunk-size", "4"],
                 "dask scheduler": ["--scheduler", client.scheduler.address, "--chunk-size", "4"]}
-        times = {name: [] for name in ways}
-        for r in range(rounds):
-            for name, extra in ways.items():
-                out = root / f"{name.replace(' ', '-')}-{r}.tsv"
-                started = time.perf_counter()
+        counter, outputs = itertools.count(), {}
+
+        def way(name, extra):
+            def run():
+                out = root / f"{name.replace(' ', '-')}-{next(counter)}.tsv"
                 assert _quiet(main, [*common, "--out", str(out), *extra]) == 0
-                times[name].append(time.perf_counter() - started)
+                outputs.setdefault(name, out)
+            return run
+
+        # each way in its own loop; its first run is the warm-up (a certify run takes a minute)
+        best = own_loops({name: way(name, extra) for name, extra in ways.items()}, rounds, warm_up=False)
     for name in ways:
-        assert _rows(root / "one-process-0.tsv") == _rows(root / f"{name.replace(' ', '-')}-0.tsv"), name
-    return {name: min(values) for name, values in times.items()}
-
-
-def _alternating(rounds: int, ways: dict) -> dict:
-    """Best of ``rounds`` seconds of each way, the ways run one after the other in each round."""
-    times = {name: [] for name in ways}
-    for _ in range(rounds):
-        for name, run in ways.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
-    return {name: min(values) for name, values in times.items()}
+        assert _rows(outputs["one process"]) == _rows(outputs[name]), name
+    return best
 
 
 def bench_search(root: Path, n_queries: int, rounds: int) -> dict:
@@ -109,9 +104,9 @@ def bench_search(root: Path, n_queries: int, rounds: int) -> dict:
             for n_shards, shards in layouts.items():
                 ways[f"dask {split} {n_shards}"] = partial(search_shards, client, shards, queries, 100, packed=True,
                                                           split=split)
-        for name, way in ways.items():  # warm-up (compiles on the workers), and the check
+        for name, way in ways.items():  # the check (and a first run: compiles on the workers)
             assert all(np.array_equal(a, b) for a, b in zip(way(), expected)), name
-        return _alternating(rounds, ways)
+        return own_loops(ways, rounds)
 
 
 def bench_evaluate(root: Path, n: int, dim: int, classes: int, rounds: int) -> dict:
@@ -131,11 +126,11 @@ def bench_evaluate(root: Path, n: int, dim: int, classes: int, rounds: int) -> d
     numba.set_num_threads(2)
     with connect(workers=2) as client:
         expected = query_statistics(x, y)
-        got = query_statistics_chunks(client, str(folder), str(root / "labels.npy"))  # warm-up, and the check
+        got = query_statistics_chunks(client, str(folder), str(root / "labels.npy"))  # the check
         assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, expected))
-        return _alternating(rounds, {
+        return own_loops({
             "one process": lambda: query_statistics(x, y),
-            "dask": lambda: query_statistics_chunks(client, str(folder), str(root / "labels.npy"))})
+            "dask": lambda: query_statistics_chunks(client, str(folder), str(root / "labels.npy"))}, rounds)
 
 
 def main() -> None:
@@ -161,7 +156,7 @@ def main() -> None:
              "",
              f"Machine: {describe(np, torch, numba, distributed)}", "",
              "Same total thread count both ways (2): one process on 2 threads against a local cluster of "
-             "2 worker processes x 1 thread. Best of the rounds, the ways alternating. Results checked equal "
+             "2 worker processes x 1 thread. Best of the rounds, each way in its own loop after a warm-up. Results checked equal "
              "(certify: every column but `time`).", "",
              "| job | one process (s) | Dask (s) | overhead |", "|---|---:|---:|---:|"]
     search_name = f"Hamming search, {args.search_queries:,} x 1,000,000 x 64 bits, k = 100"

@@ -11,8 +11,8 @@
 4. First call in a fresh process (python -c: import, then one small search), with an
    empty Numba cache (compilation) and with the cache filled (cache load).
 
-Timings are the best of --repeats runs, the two peers alternating, so that CPU
-contention from other work on the machine hits both alike.
+Timings are the best of --repeats runs, each peer in its own loop after a warm-up call
+(its steady state), never timed right after the other's code.
 
 Run: python bench/bench_hamming.py [--repeats R] [--quick]
 """
@@ -34,20 +34,9 @@ from minrr.hashing import hamming
 from minrr.metrics.hashing import hamming_map
 
 from machine import describe
+from timing import own_loops
 
 THREADS = 2
-
-
-def _alternate(fns, repeats):
-    """Best time of each function, calling them in turn ``repeats`` times."""
-    best = [float("inf")] * len(fns)
-    results = [None] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            results[i] = fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best, results
 
 
 def bench_search(n_bits, n_database, n_queries, k, repeats, rng):
@@ -57,23 +46,23 @@ def bench_search(n_bits, n_database, n_queries, k, repeats, rng):
     index.add(database)
     ours = lambda q: hamming.search(q, database, k, packed=True)  # noqa: E731
     theirs = lambda q: index.search(q, k)  # noqa: E731
-    ours(queries[:2]), theirs(queries[:2])  # warm up: cache load, thread pools
-
-    (t_ours, t_faiss), ((d_ours, i_ours), (d_faiss, i_faiss)) = _alternate(
-        [lambda: ours(queries), lambda: theirs(queries)], repeats)
+    d_ours, i_ours = ours(queries)
+    d_faiss, i_faiss = theirs(queries)
+    times = own_loops({"ours": lambda: ours(queries), "faiss": lambda: theirs(queries)}, repeats)
+    t_ours, t_faiss = times["ours"], times["faiss"]
     same_dist = bool(np.array_equal(d_ours, d_faiss.astype(np.int32)))
     same_index = bool(np.array_equal(i_ours, i_faiss))
 
-    # Single queries in runs of 100 per library, so that one OpenMP runtime's idle
-    # spinning threads do not slow the other's next call; the median of each counts.
+    # Single queries, each library in its own loop of 2 x 100 after a warm-up query, so that one
+    # OpenMP runtime's idle threads do not slow the other's calls; the median of each counts.
     singles = queries[: min(100, n_queries)]
     lat_ours, lat_faiss = [], []
-    for _ in range(2):
-        for fn, out in ((ours, lat_ours), (theirs, lat_faiss)):
-            for q in singles:
-                start = time.perf_counter()
-                fn(q[None])
-                out.append(time.perf_counter() - start)
+    for fn, out in ((ours, lat_ours), (theirs, lat_faiss)):
+        fn(singles[:1])
+        for q in np.concatenate([singles, singles]):
+            start = time.perf_counter()
+            fn(q[None])
+            out.append(time.perf_counter() - start)
     return {
         "qps_ours": n_queries / t_ours, "qps_faiss": n_queries / t_faiss,
         "same_dist": same_dist, "same_index": same_index,
@@ -106,11 +95,12 @@ def bench_map(n_database, n_queries, repeats, rng):
         return np.where(flips, -centres[labels], centres[labels])
 
     database, queries = codes(database_labels), codes(query_labels)
-    hamming_map(queries[:2], database[:100], query_labels[:2], database_labels[:100])  # warm up
-    (t_ours, t_argsort), (m_ours, m_argsort) = _alternate([
-        lambda: hamming_map(queries, database, query_labels, database_labels),
-        lambda: _argsort_map(database, queries, database_labels, query_labels),
-    ], max(1, repeats // 2))
+    m_ours = hamming_map(queries, database, query_labels, database_labels)
+    m_argsort = _argsort_map(database, queries, database_labels, query_labels)
+    times = own_loops({"ours": lambda: hamming_map(queries, database, query_labels, database_labels),
+                       "argsort": lambda: _argsort_map(database, queries, database_labels, query_labels)},
+                      max(1, repeats // 2), warm_up=False)  # the calls above were the warm-ups
+    t_ours, t_argsort = times["ours"], times["argsort"]
     return {"t_ours": t_ours, "t_argsort": t_argsort, "map_ours": m_ours, "map_argsort": m_argsort}
 
 
